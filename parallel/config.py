@@ -1,0 +1,288 @@
+"""Typed job configuration for the engine, and every check on it in one place.
+
+A config is YAML with the sections below; `load_config` reads it, applies
+`--set section.key=value` overrides, and validates it. Every mistake becomes a
+`ConfigError` with one line naming the field, the value and what would be valid,
+raised before any process group exists.
+
+    python -c "from parallel.config import load_config; print(load_config('examples/tiny.yaml'))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: one line, naming the field and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+# Llama-3-style dimensions. `tiny` is sized for multi-rank CPU tests: 8 query heads
+# and 4 KV heads (GQA) so tp in {1, 2, 4} works, 4 layers so pp up to 4 works.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=256),
+    "debug": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=256),
+    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000),
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256, rope_theta=500000.0),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, rope_theta=500000.0),
+    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "debug", "125m", "1b", "8b", "70b"] | None = "tiny"
+    """Named size (tiny, debug, 125m, 1b, 8b, 70b). Explicit fields below override it."""
+    dim: int | None = Field(None, gt=0)
+    """Hidden size of the residual stream."""
+    n_layers: int | None = Field(None, gt=0)
+    """Number of transformer blocks."""
+    n_heads: int | None = Field(None, gt=0)
+    """Query heads per attention layer."""
+    n_kv_heads: int | None = Field(None, gt=0)
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    ffn_dim: int | None = Field(None, gt=0)
+    """Hidden size of the SwiGLU MLP."""
+    vocab_size: int | None = Field(None, gt=0)
+    """Rows of the embedding and the output head."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of RMSNorm."""
+    rope_theta: float | None = Field(None, gt=0)
+    """RoPE base frequency (10000 unless the preset says otherwise)."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> ModelConfig:
+        base = dict(PRESETS.get(self.preset or "", {}))
+        base.setdefault("rope_theta", 10000.0)
+        missing = []
+        for key, value in base.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+            if getattr(self, key) is None:
+                missing.append(key)
+        if missing:
+            raise ValueError(f"no preset given, so these are required: {', '.join(missing)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class ParallelConfig(_Section):
+    dp: int = Field(1, ge=1)
+    """Data-parallel degree in all (dp_replicate x dp_shard)."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree (with sequence parallel); a TP group is consecutive ranks."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel stages."""
+    cp: int = Field(1, ge=1)
+    """Context-parallel degree (sequence split across ranks with ring attention)."""
+    zero: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states, 2 +gradients, 3 +parameters."""
+    dp_replicate: int = Field(1, ge=1)
+    """Replicas in hybrid sharding (HSDP): ZeRO shards within dp/dp_replicate ranks and replicates across."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv"] = "1f1b"
+    """Pipeline schedule."""
+    pp_virtual: int = Field(1, ge=1)
+    """Model chunks per pipeline rank (interleaved schedules)."""
+    microbatches: int | None = Field(None, ge=1)
+    """Pipeline micro-batches per step; defaults to the gradient-accumulation count."""
+    cp_mode: Literal["ring", "allgather"] = "ring"
+    """How context parallelism exchanges K/V."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: every block (full), or keep matmul outputs (selective)."""
+    timeout_s: float = Field(600.0, gt=0)
+    """How long a collective may wait before the run fails."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+
+class TrainConfig(_Section):
+    steps: int = Field(10, ge=1)
+    """Optimizer steps to run."""
+    global_batch: int = Field(8, ge=1)
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch: int = Field(2, ge=1)
+    """Sequences per forward/backward on one data-parallel rank."""
+    seq_len: int = Field(64, ge=2)
+    """Tokens per sequence."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to lr."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio at the last step."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW decoupled weight decay (not applied to norms)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW first-moment decay."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW second-moment decay."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    seed: int = 0
+    """Seeds weights and data; every layout starts from the same model."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: auto = bf16 on GPU (fp32 master weights), fp32 on CPU."""
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "text", "tokens"] = "synthetic"
+    """synthetic: seeded random tokens; text: byte-level tokens of a file or directory; tokens: a flat token file."""
+    path: str | None = None
+    """File or directory for text (`stdlib` = this Python's standard library source), file for tokens."""
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    """Element type of a `tokens` file."""
+    max_bytes: int = Field(64 * 2**20, gt=0)
+    """Read at most this many bytes of text (files in sorted order)."""
+
+
+class MetricsConfig(_Section):
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak TFLOP/s of one device for MFU; default: the accelerator table, or a matmul measured at start on CPU."""
+    log_every: int = Field(1, ge=1)
+    """Print a progress line every this many steps (the metrics file gets every step)."""
+
+
+class Config(_Section):
+    name: str = "fourfold"
+    """A name for the run."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on one data-parallel rank."""
+        return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check(cfg: Config, world_size: int | None = None) -> Config:
+    """Cross-field checks; raise ConfigError naming the field, the value and what is valid."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if world_size is not None and world_size != p.world_size:
+        raise ConfigError(
+            f"parallel: dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} but the world size is "
+            f"{world_size}; make the product equal {world_size} or launch {p.world_size} processes"
+        )
+    if m.n_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp}: model.n_heads={m.n_heads} is not divisible by it; valid tp: {_divisors(m.n_heads)}"
+        )
+    if m.n_kv_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp}: model.n_kv_heads={m.n_kv_heads} is not divisible by it; "
+            f"valid tp: {_divisors(m.n_kv_heads)}"
+        )
+    for field in ("vocab_size", "ffn_dim"):
+        if getattr(m, field) % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp}: model.{field}={getattr(m, field)} is not divisible by it")
+    if p.dp % p.dp_replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate={p.dp_replicate} does not divide parallel.dp={p.dp}; valid: {_divisors(p.dp)}"
+        )
+    if p.dp_replicate > 1 and p.zero == 0:
+        raise ConfigError("parallel.dp_replicate>1 means hybrid sharding; it needs parallel.zero in 1-3, got zero=0")
+    if t.global_batch % (p.dp * t.micro_batch):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by dp*micro_batch = {p.dp}*{t.micro_batch}"
+            f" = {p.dp * t.micro_batch}; use a multiple of {p.dp * t.micro_batch}"
+        )
+    if t.seq_len % (p.tp * 2 * p.cp if p.cp > 1 else p.tp):
+        need = p.tp * 2 * p.cp if p.cp > 1 else p.tp
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is not divisible by {need} (sequence parallel splits it by tp={p.tp}"
+            + (f", context parallel into 2*cp={2 * p.cp} chunks" if p.cp > 1 else "")
+            + ")"
+        )
+    if p.pp > 1:
+        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use pp=1")
+    if p.cp > 1:
+        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not available yet; use cp=1")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
+    return cfg
+
+
+def _format_validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown field"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def build_config(data: dict[str, Any], world_size: int | None = None) -> Config:
+    """Validate a plain dict into a Config; every mistake is a one-line ConfigError."""
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+    return check(cfg, world_size)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a config dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, world_size: int | None = None) -> Config:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"--config {path}: cannot read ({err.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(data).__name__}")
+    return build_config(apply_overrides(data, overrides or []), world_size)

@@ -1,0 +1,75 @@
+"""The rank grid: one DeviceMesh with axes (pp, dp_replicate, dp_shard, cp, tp), tp fastest.
+
+Because tp varies fastest, a TP group is a run of consecutive ranks, which the
+Ray placement keeps on one node. The mesh is built once and passed around as a
+`Layout` object; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from parallel.config import ParallelConfig
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def init_distributed(timeout_s: float) -> torch.device:
+    """Join the process group torchrun (or a Ray worker) described in the environment.
+
+    Without RANK/WORLD_SIZE this is a single process: a group of one on an in-memory
+    store, so the same code path runs with or without a launcher."""
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return device
+
+
+@dataclass
+class Layout:
+    """The mesh and this rank's place in it."""
+
+    mesh: DeviceMesh
+    cfg: ParallelConfig
+
+    @classmethod
+    def build(cls, cfg: ParallelConfig, device: torch.device) -> Layout:
+        shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.cp, cfg.tp)
+        return cls(init_device_mesh(device.type, shape, mesh_dim_names=AXES), cfg)
+
+    def size(self, axis: str) -> int:
+        return self.mesh[axis].size()
+
+    def coord(self, axis: str) -> int:
+        return self.mesh[axis].get_local_rank()
+
+    def group(self, axis: str) -> dist.ProcessGroup | None:
+        """The process group along one axis, or None when the axis has one rank."""
+        return self.mesh[axis].get_group() if self.size(axis) > 1 else None
+
+    @property
+    def dp_rank(self) -> int:
+        """Index among all data-parallel ranks (replicate-major)."""
+        return self.coord("dp_replicate") * self.size("dp_shard") + self.coord("dp_shard")
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards over: dp_shard, or (dp_replicate, dp_shard) for HSDP."""
+        return self.mesh["dp_replicate", "dp_shard"] if self.cfg.dp_replicate > 1 else self.mesh["dp_shard"]
+
+    def groups(self, *axes: str) -> list[dist.ProcessGroup]:
+        return [g for g in (self.group(a) for a in axes) if g is not None]

@@ -1,0 +1,201 @@
+"""The training loop: build the parallel model, then step it and report metrics.
+
+Order of construction matters and is the same for every layout:
+model on the meta device -> tensor parallel -> materialise and seed the weights
+-> activation checkpointing -> data parallel (ZeRO / FSDP2) -> optimizer.
+Seeding after TP but before FSDP lets each rank fill just its TP shard with the
+values one process would have, from the full tensor it generates locally.
+
+    python -c "from parallel.trainer import Trainer; from parallel.config import load_config; \
+Trainer(load_config(None)).run()"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.activation_checkpointing import apply_ac
+from parallel.config import Config, TrainConfig
+from parallel.data import DataStream, build_source
+from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
+from parallel.flops import flops_per_token, peak_tflops
+from parallel.mesh import Layout, init_distributed
+from parallel.model import Transformer
+from parallel.tensor_parallel import apply_tp, loss_context
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, cosine to a floor."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    decay_steps = max(t.steps - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / decay_steps, 1.0)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.train.dtype)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """One rank's share of a training run. Every rank constructs one and calls `run`."""
+
+    def __init__(self, cfg: Config, metrics_file: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.device = init_distributed(cfg.parallel.timeout_s)
+        self.rank = dist.get_rank()
+        self.layout = Layout.build(cfg.parallel, self.device)
+        self.dtype = compute_dtype(cfg, self.device)
+        torch.manual_seed(cfg.train.seed)
+
+        with torch.device("meta"):
+            model = Transformer(cfg.model, max_seq_len=cfg.train.seq_len)
+        if cfg.parallel.tp > 1:
+            apply_tp(model, self.layout.mesh["tp"])
+        model.to_empty(device=self.device)
+        model.init_weights(cfg.train.seed)
+        apply_ac(model, cfg.parallel.activation_checkpointing)
+        self.model = model
+        self.optimizer = self._build_optimizer()
+
+        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        self.data = DataStream(
+            source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
+        )
+        self.step = 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_tflops, self.peak_source = peak_tflops(self.device, self.dtype, cfg.metrics.peak_tflops)
+        self._metrics_out: IO[str] | None = None
+        if metrics_file is not None and self.rank == 0:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self._metrics_out = open(metrics_file, "a")  # noqa: SIM115 (closed in close())
+
+    def _build_optimizer(self) -> DataParallelOptimizer:
+        t, p, lay = self.cfg.train, self.cfg.parallel, self.layout
+        hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        if p.zero == 3:
+            return FSDPAdamW(self.model, lay.dp_mesh, norm_groups=[], **hyper)
+        named = [(n, q) for n, q in self.model.named_parameters() if q.requires_grad]
+        # Stage 0 holds whole gradients everywhere, so only the tp shards add up;
+        # stages 1-2 also sum the disjoint dp_shard slices.
+        norm_axes = ("tp",) if p.zero == 0 else ("dp_shard", "tp")
+        return ShardedAdamW(
+            named,
+            p.zero,
+            shard_group=lay.group("dp_shard"),
+            replicate_group=lay.group("dp_replicate"),
+            norm_groups=lay.groups(*norm_axes),
+            tp=p.tp,
+            **hyper,
+        )
+
+    # -- one optimizer step --------------------------------------------------------
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(inputs)  # (B, T, V), vocab-sharded DTensor under TP
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad()
+        batches = self.data.next_step()
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, labels) in enumerate(batches):
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            with loss_context(self.cfg.parallel.tp):
+                loss = self._loss(inputs, labels) / len(batches)
+                loss.backward()
+            total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
+            self.optimizer.after_backward(last_microbatch=i == len(batches) - 1)
+        self.step += 1
+        lr = lr_at(self.step, self.cfg.train)
+        grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
+        for group in self.layout.groups("dp_replicate", "dp_shard"):
+            dist.all_reduce(total, group=group)
+        loss_value = total.item() / self.cfg.parallel.dp
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_time = time.perf_counter() - t0
+        tokens_per_s = self.cfg.train.global_batch * self.cfg.train.seq_len / step_time
+        tflops = self.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12
+        return {
+            "step": self.step,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "tflops": tflops,
+            "mfu": tflops / self.peak_tflops,
+            "step_time_s": step_time,
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+        }
+
+    def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Train to cfg.train.steps; rank 0 writes and prints metrics. Returns them all."""
+        history = []
+        if self.rank == 0:
+            print(self._banner(), flush=True)
+        while self.step < self.cfg.train.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.rank == 0:
+                self._report(metrics)
+            if on_step is not None:
+                on_step(metrics)
+        return history
+
+    def _banner(self) -> str:
+        p = self.cfg.parallel
+        n_params = sum(q.numel() for q in self.model.parameters())  # local numel; informative only
+        return (
+            f"fourfold: {self.cfg.name} | world {dist.get_world_size()} = pp {p.pp} x dp {p.dp} "
+            f"(replicate {p.dp_replicate}) x cp {p.cp} x tp {p.tp} | zero {p.zero} | {self.device.type} "
+            f"{str(self.dtype).removeprefix('torch.')} | local params {n_params:,} | peak "
+            f"{self.peak_tflops:.3f} TFLOP/s ({self.peak_source})"
+        )
+
+    def _report(self, m: dict[str, Any]) -> None:
+        if self._metrics_out is not None:
+            self._metrics_out.write(json.dumps(m) + "\n")
+            self._metrics_out.flush()
+        if m["step"] % self.cfg.metrics.log_every == 0 or m["step"] == self.cfg.train.steps:
+            print(
+                f"step {m['step']:>5}/{self.cfg.train.steps} | loss {m['loss']:.4f} | grad_norm "
+                f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
+                f"mfu {m['mfu'] * 100:.1f}% | {m['step_time_s'] * 1000:.0f} ms",
+                file=sys.stdout,
+                flush=True,
+            )
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole (gathered from TP/FSDP shards), on every rank; for tests."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
+        return out
+
+    def close(self) -> None:
+        if self._metrics_out is not None:
+            self._metrics_out.close()
+            self._metrics_out = None
