@@ -191,11 +191,6 @@ def _divisors(n: int) -> str:
 def check(cfg: Config, world_size: int | None = None) -> Config:
     """Cross-field checks; raise ConfigError naming the field, the value and what is valid."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    if world_size is not None and world_size != p.world_size:
-        raise ConfigError(
-            f"parallel: dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} but the world size is "
-            f"{world_size}; make the product equal {world_size} or launch {p.world_size} processes"
-        )
     if m.n_heads % p.tp:
         raise ConfigError(
             f"parallel.tp={p.tp}: model.n_heads={m.n_heads} is not divisible by it; valid tp: {_divisors(m.n_heads)}"
@@ -232,6 +227,11 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not available yet; use cp=1")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
+    if world_size is not None and world_size != p.world_size:
+        raise ConfigError(
+            f"parallel: dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} but the world size is "
+            f"{world_size}; make the product equal {world_size} or launch {p.world_size} processes"
+        )
     return cfg
 
 

@@ -3,8 +3,14 @@
     torchrun --nproc-per-node 4 -m parallel.train --config examples/tiny.yaml \
         --set parallel.dp=2 --set parallel.tp=2 --metrics-file runs/tiny/metrics.jsonl
 
-Without torchrun it runs as one process. A config mistake ends with one line on
-stderr naming the field and exit code 2, before any process group exists.
+Without torchrun it runs as one process, or launches N local processes itself:
+
+    python -m parallel.train --nproc-per-node 4 --config examples/tiny.yaml --set parallel.tp=4
+
+A config mistake ends with one line on stderr naming the field and exit code 2,
+before any process group exists. Launched this way the config is checked before
+any process starts, so a mistake prints that line alone; under a bare torchrun
+each rank checks it and torchrun then adds its own failure summary.
 """
 
 from __future__ import annotations
@@ -28,28 +34,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override one field, value parsed as YAML; repeatable",
     )
     parser.add_argument("--metrics-file", help="append one JSON object per optimizer step (global rank 0)")
+    parser.add_argument(
+        "--nproc-per-node", type=int, help="check the config, then start this many local ranks through torchrun"
+    )
     return parser.parse_args(argv)
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start `args.nproc_per_node` ranks on this machine with torch's own launcher (torchrun)."""
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for item in argv:  # pass everything on except our --nproc-per-node
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            rest.append(item)
+    torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "parallel.train", *rest])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    launching = args.nproc_per_node is not None and "RANK" not in os.environ
+    world_size = args.nproc_per_node if launching else int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
+        from parallel.data import build_source  # imports torch, so only once the config parsed
+
+        # The data is checked here too, before any process group exists.
+        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
     except ConfigError as err:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"fourfold: config error: {err}", file=sys.stderr)
         return 2
+    if launching:
+        return _launch(args, argv)
 
-    from parallel.trainer import Trainer  # torch.distributed is imported only for valid configs
+    import torch.distributed as dist
 
-    trainer = Trainer(cfg, metrics_file=args.metrics_file)
+    from parallel.trainer import Trainer
+
+    trainer = Trainer(cfg, metrics_file=args.metrics_file, source=source)
     try:
         trainer.run()
     finally:
         trainer.close()
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from parallel.activation_checkpointing import apply_ac
 from parallel.config import Config, TrainConfig
-from parallel.data import DataStream, build_source
+from parallel.data import DataStream, TokenSource, build_source
 from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
 from parallel.flops import flops_per_token, peak_tflops
 from parallel.mesh import Layout, init_distributed
@@ -60,7 +60,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Trainer:
     """One rank's share of a training run. Every rank constructs one and calls `run`."""
 
-    def __init__(self, cfg: Config, metrics_file: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, metrics_file: str | Path | None = None, source: TokenSource | None = None) -> None:
         self.cfg = cfg
         self.device = init_distributed(cfg.parallel.timeout_s)
         self.rank = dist.get_rank()
@@ -78,7 +78,8 @@ class Trainer:
         self.model = model
         self.optimizer = self._build_optimizer()
 
-        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        if source is None:
+            source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         self.data = DataStream(
             source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
         )

@@ -1,0 +1,55 @@
+"""Each invalid config ends with one line naming the field, exit code 2, no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES = {
+    "world size": (1, ["parallel.dp=2"], "dp*tp*pp*cp = 2*1*1*1 = 2 but the world size is 1"),
+    "heads vs tp": (3, ["parallel.tp=3"], "parallel.tp=3: model.n_heads=8 is not divisible by it; valid tp: 1, 2, 4, 8"),
+    "kv heads vs tp": (
+        4, ["parallel.tp=4", "model.n_kv_heads=2"], "parallel.tp=4: model.n_kv_heads=2 is not divisible by it",
+    ),
+    "dp_replicate": (4, ["parallel.dp=4", "parallel.dp_replicate=3", "parallel.zero=3"], "parallel.dp_replicate=3 does not divide parallel.dp=4"),
+    "global batch": (2, ["parallel.dp=2", "train.global_batch=6"], "train.global_batch=6 is not divisible by dp*micro_batch"),
+    "seq_len vs tp": (2, ["parallel.tp=2", "train.seq_len=33"], "train.seq_len=33 is not divisible by 2"),
+    "unknown preset": (1, ["model.preset=huge"], "model.preset: Input should be"),
+    "unknown field": (1, ["train.bogus=1"], "train.bogus: unknown field"),
+    "unknown section": (1, ["trian.steps=1"], "trian: unknown field"),
+    "zero range": (1, ["parallel.zero=4"], "parallel.zero: Input should be 0, 1, 2 or 3"),
+    "pp not yet": (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not available yet"),
+    "missing text path": (1, ["data.source=text", "data.path=/nonexistent/corpus"], "data.path"),
+    "empty text dir": (1, ["data.source=text", "data.path={empty}"], "data.path"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_config_is_one_line(case: str, tmp_path: Path) -> None:
+    world, overrides, expected = CASES[case]
+    (tmp_path / "empty").mkdir()
+    args = []
+    for item in overrides:
+        args += ["--set", item.format(empty=tmp_path / "empty")]
+    env = {**os.environ, "WORLD_SIZE": str(world), "RANK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel.train", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("fourfold: config error: ")
+    assert expected in lines[0]
+
+
+def test_missing_config_file() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallel.train", "--config", "/nonexistent.yaml"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == "fourfold: config error: --config /nonexistent.yaml: cannot read (No such file or directory)"
+    )
