@@ -1,0 +1,62 @@
+import pytest
+
+from parallel.config import PRESETS, Config, ConfigError, build_config, load_config
+
+
+def test_defaults_are_valid_single_process() -> None:
+    cfg = load_config(None, world_size=1)
+    assert cfg.model.dim == PRESETS["tiny"]["dim"] and cfg.parallel.world_size == 1
+
+
+def test_overrides_parse_yaml_values_and_explicit_dims_beat_preset() -> None:
+    cfg = load_config(None, ["model.preset=debug", "model.n_layers=2", "train.lr=1e-3", "parallel.dp=2"], world_size=2)
+    assert cfg.model.dim == PRESETS["debug"]["dim"] and cfg.model.n_layers == 2
+    assert cfg.train.lr == 1e-3 and cfg.parallel.dp == 2
+
+
+def test_grad_accum_and_dp_shard() -> None:
+    cfg = build_config(
+        {"parallel": {"dp": 4, "dp_replicate": 2, "zero": 3}, "train": {"global_batch": 16, "micro_batch": 2}}
+    )
+    assert cfg.grad_accum == 2 and cfg.parallel.dp_shard == 2
+
+
+def test_explicit_model_without_preset_requires_all_dims() -> None:
+    with pytest.raises(ConfigError, match="no preset given, so these are required: .*ffn_dim"):
+        build_config(
+            {"model": {"preset": None, "dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 10}}
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"n_heads": 6}}, "dim=64 is not divisible by n_heads=6"),
+        ({"model": {"n_kv_heads": 3}}, "n_heads=8 is not divisible by n_kv_heads=3"),
+        ({"parallel": {"dp_replicate": 2, "dp": 2}}, "needs parallel.zero in 1-3"),
+        ({"parallel": {"tp": 0}}, "parallel.tp: Input should be greater than or equal to 1 (got 0)"),
+        ({"parallel": {"cp": 2}}, "parallel.cp=2: context parallelism is not available yet"),
+        ({"train": {"steps": "many"}}, "train.steps: Input should be a valid integer"),
+        ({"data": {"source": "tokens"}}, "data.path is required for data.source=tokens"),
+    ],
+)
+def test_invalid_configs_name_the_field(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type) -> None:
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Config.__mro__[1]):
+                walk(field.annotation)
+            elif name not in ("model", "parallel", "train", "data", "metrics"):
+                assert field.description, f"{model.__name__}.{name} has no docstring"
+
+    walk(Config)
