@@ -221,10 +221,7 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
             + (f", context parallel into 2*cp={2 * p.cp} chunks" if p.cp > 1 else "")
             + ")"
         )
-    if p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not available yet; use pp=1")
-    if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not available yet; use cp=1")
+    _check_pipeline(cfg)
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
     if world_size is not None and world_size != p.world_size:
@@ -233,6 +230,42 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
             f"{world_size}; make the product equal {world_size} or launch {p.world_size} processes"
         )
     return cfg
+
+
+def _check_pipeline(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.pp == 1:
+        return
+    if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual != 1:
+        raise ConfigError(f"parallel.pp_virtual={p.pp_virtual}: pp_schedule={p.pp_schedule} runs one stage per rank; "
+                          "use pp_virtual=1, or pp_schedule=interleaved_1f1b")  # fmt: skip
+    if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual < 2:
+        raise ConfigError("parallel.pp_virtual=1: pp_schedule=interleaved_1f1b needs pp_virtual >= 2")
+    if p.pp_schedule == "zbv" and p.pp_virtual != 2:
+        raise ConfigError(f"parallel.pp_virtual={p.pp_virtual}: pp_schedule=zbv runs exactly 2 stages per rank; "
+                          "set pp_virtual=2")  # fmt: skip
+    stages = p.pp * p.pp_virtual
+    if cfg.model.n_layers < stages:
+        raise ConfigError(
+            f"parallel.pp={p.pp} x pp_virtual={p.pp_virtual} = {stages} stages but model.n_layers="
+            f"{cfg.model.n_layers}; each stage needs at least one layer"
+        )
+    m = p.microbatches or cfg.grad_accum
+    if p.microbatches is not None and p.microbatches != cfg.grad_accum:
+        raise ConfigError(
+            f"parallel.microbatches={p.microbatches} must equal train.global_batch/(dp*micro_batch) = "
+            f"{cfg.grad_accum}: the pipeline runs every micro-batch of the step; change micro_batch instead"
+        )
+    least = {"gpipe": 1, "1f1b": p.pp, "interleaved_1f1b": p.pp, "zbv": 2 * p.pp - 1}[p.pp_schedule]
+    if m < least:
+        raise ConfigError(
+            f"parallel.microbatches={m}: pp_schedule={p.pp_schedule} with pp={p.pp} needs at least {least} "
+            "micro-batches per step; raise train.global_batch or lower train.micro_batch"
+        )
+    rounds = max(1, m // p.pp)
+    if p.pp_schedule == "interleaved_1f1b" and m % rounds:
+        raise ConfigError(f"parallel.microbatches={m}: interleaved_1f1b needs a multiple of {rounds} "
+                          f"(max(1, microbatches // pp))")  # fmt: skip
 
 
 def _format_validation(err: ValidationError) -> str:

@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from parallel.comms import watch
 from parallel.tensor_parallel import is_tp_sharded
 
 
@@ -64,7 +65,7 @@ class ShardedAdamW:
         named_params: list[tuple[str, nn.Parameter]],
         zero: int,
         shard_group: dist.ProcessGroup | None,
-        replicate_group: dist.ProcessGroup | None,
+        replicate_groups: list[dist.ProcessGroup],
         norm_groups: list[dist.ProcessGroup],
         tp: int,
         lr: float,
@@ -73,12 +74,14 @@ class ShardedAdamW:
         weight_decay: float,
     ) -> None:
         self.zero = zero
-        self.shard_group, self.replicate_group = shard_group, replicate_group
+        # Gradients are averaged over the shard group and every replicate group (dp_replicate,
+        # and cp, whose ranks see different tokens of the same samples).
+        self.shard_group, self.replicate_groups = shard_group, replicate_groups
         self.norm_groups = norm_groups
         self.params = [p for _, p in named_params]
         n_shards = dist.get_world_size(shard_group) if shard_group is not None else 1
         rank = dist.get_rank(shard_group) if shard_group is not None else 0
-        self.dp = n_shards * (dist.get_world_size(replicate_group) if replicate_group is not None else 1)
+        self.dp = n_shards * math.prod(dist.get_world_size(g) for g in replicate_groups)
         self.total = sum(_local(p).numel() for p in self.params)
         owned = n_shards if zero >= 1 else 1  # stage 0: every rank updates everything
         self.shard_size = math.ceil(self.total / owned)
@@ -136,7 +139,8 @@ class ShardedAdamW:
             flat = self._flat_grads()  # (N*S,) whole local gradients of this micro-batch
             shard = torch.empty(self.shard_size, device=flat.device)
             if self.shard_group is not None:
-                dist.reduce_scatter_tensor(shard, flat, group=self.shard_group)
+                with watch("dp_shard", "reduce-scatter of gradients"):
+                    dist.reduce_scatter_single(shard, flat, group=self.shard_group)
             else:
                 shard.copy_(flat[: self.shard_size])
             self.grad_shard += shard
@@ -144,9 +148,10 @@ class ShardedAdamW:
                 p.grad = None  # the whole gradients live only until the next micro-batch
         elif last_microbatch and self.dp > 1:
             flat = self._flat_grads()
-            for group in (self.shard_group, self.replicate_group):
+            for group in [self.shard_group, *self.replicate_groups]:
                 if group is not None:
-                    dist.all_reduce(flat, group=group)
+                    with watch("dp", "all-reduce of gradients"):
+                        dist.all_reduce(flat, group=group)
             flat /= self.dp
             offset = 0
             for p in self.params:
@@ -157,8 +162,9 @@ class ShardedAdamW:
 
     def _attach_grads(self) -> None:
         if self.zero == 2:
-            if self.replicate_group is not None:
-                dist.all_reduce(self.grad_shard, group=self.replicate_group)
+            for group in self.replicate_groups:
+                with watch("dp_replicate/cp", "all-reduce of gradient shards"):
+                    dist.all_reduce(self.grad_shard, group=group)
             self.grad_shard /= self.dp
         for v, pc in self.slots:
             if self.zero == 2:
@@ -173,8 +179,9 @@ class ShardedAdamW:
         for v, pc in self.slots:
             if v.grad is not None:
                 sq += v.grad.double().pow(2).sum() * pc.weight
-        for group in self.norm_groups:
-            dist.all_reduce(sq, group=group)
+        with watch("tp/dp/pp", "all-reduce of the gradient norm"):
+            for group in self.norm_groups:
+                dist.all_reduce(sq, group=group)
         return sq.sqrt().float()
 
     def step(self, lr: float, max_norm: float) -> float:
@@ -199,7 +206,8 @@ class ShardedAdamW:
         for _, pc in self.slots:
             shard[pc.offset : pc.offset + pc.stop - pc.start] = _local(pc.param).view(-1)[pc.start : pc.stop]
         full = torch.empty(self.shard_size * dist.get_world_size(self.shard_group), device=shard.device)
-        dist.all_gather_into_tensor(full, shard, group=self.shard_group)
+        with watch("dp_shard", "all-gather of updated parameters"):
+            dist.all_gather_single(full, shard, group=self.shard_group)
         offset = 0
         for p in self.params:
             n = _local(p).numel()
@@ -227,20 +235,22 @@ class FSDPAdamW:
 
     def __init__(
         self,
-        model: nn.Module,
+        parts: list[nn.Module],
         dp_mesh: DeviceMesh,
+        cp_group: dist.ProcessGroup | None,
         norm_groups: list[dist.ProcessGroup],
         lr: float,
         betas: tuple[float, float],
         eps: float,
         weight_decay: float,
     ) -> None:
-        for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.norm_groups = norm_groups
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for model in parts:
+            for block in model.layers.values():
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(model, mesh=dp_mesh)
+        named = [(n, p) for model in parts for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.cp_group, self.norm_groups = cp_group, norm_groups
         groups = [
             {"params": [p for n, p in named if _decays(n, p)], "weight_decay": weight_decay},
             {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0},
@@ -248,7 +258,17 @@ class FSDPAdamW:
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
     def after_backward(self, last_microbatch: bool) -> None:
-        """FSDP2 has already reduce-scattered this micro-batch's gradients in its backward hooks."""
+        """FSDP2 has already reduce-scattered each micro-batch's gradients over dp in its
+        backward hooks; context-parallel ranks saw different tokens, so average over cp."""
+        if self.cp_group is None or not last_microbatch:
+            return
+        n = dist.get_world_size(self.cp_group)
+        with watch("cp", "all-reduce of gradient shards"):
+            for p in self.params:
+                if p.grad is not None:
+                    local = _local(p.grad)
+                    dist.all_reduce(local, group=self.cp_group)
+                    local /= n
 
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -256,8 +276,9 @@ class FSDPAdamW:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squares over the dp and tp shards
         sq = norm.double() ** 2
-        for group in self.norm_groups:  # axes FSDP does not know about (pipeline stages)
-            dist.all_reduce(sq, group=group)
+        with watch("pp", "all-reduce of the gradient norm"):
+            for group in self.norm_groups:  # axes FSDP does not know about (pipeline stages)
+                dist.all_reduce(sq, group=group)
         return sq.sqrt().float()
 
     def step(self, lr: float, max_norm: float) -> float:
@@ -283,14 +304,14 @@ class FSDPAdamW:
 DataParallelOptimizer = ShardedAdamW | FSDPAdamW
 
 
-def memory_breakdown(model: nn.Module, optimizer: DataParallelOptimizer) -> dict[str, int]:
+def memory_breakdown(parts: list[nn.Module], optimizer: DataParallelOptimizer) -> dict[str, int]:
     """Bytes this rank actually holds in parameters, gradients and optimizer states."""
 
     def nbytes(ts: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in ts)
 
     return {
-        "params": nbytes([_local(p) for p in model.parameters()]),
+        "params": nbytes([_local(p) for model in parts for p in model.parameters()]),
         "grads": nbytes(optimizer.grad_tensors()),
         "optimizer": nbytes(optimizer.state_tensors()),
     }

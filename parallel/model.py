@@ -16,6 +16,7 @@ print(Transformer(ModelConfig(preset='tiny')))"
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,11 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, Hq, T, Dh), k and v (B, Hkv, T, Dh) -> (B, Hq, T, Dh)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -60,15 +66,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # The attention kernel; context parallelism swaps in ring attention.
+        self.core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = causal_attention
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
+        rope = rope[:, :T]  # (2, T, Dh/2): the table covers at least this rank's T positions
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, Dh); Hq local under TP
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, Dh)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+        out = self.core(q, k, v)  # (B, Hq, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -108,16 +117,23 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("rope", rope_cache(cfg.head_dim, max_seq_len, cfg.rope_theta), persistent=False)
+        self.positions: torch.Tensor | None = None  # token positions held here; None = 0..T-1
+        self.register_buffer("rope", self._rope_table(), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) ids, or (B, T, C) hidden states on a later pipeline stage.
-        positions: the global positions of the T tokens (context parallel shards); default 0..T-1."""
+    def _rope_table(self) -> torch.Tensor:
+        table = rope_cache(self.cfg.head_dim, self.max_seq_len, self.cfg.rope_theta)  # (2, max_seq_len, Dh/2)
+        return table if self.positions is None else table[:, self.positions]
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Hold only these token positions (a context-parallel shard); RoPE follows them."""
+        self.positions = positions
+        self.rope = self._rope_table().to(self.rope.device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) ids, or (B, T, C) hidden states on a later pipeline stage."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, C)
-        T = tokens.shape[1]
-        rope = self.rope[:, :T] if positions is None else self.rope[:, positions]  # (2, T, Dh/2)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, self.rope)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # (B, T, V)
 
@@ -127,7 +143,7 @@ class Transformer(nn.Module):
 
         Each rank builds the full tensor and keeps its shard (no communication), so the
         cost is one parameter's full size at a time."""
-        self.rope = rope_cache(self.cfg.head_dim, self.max_seq_len, self.cfg.rope_theta).to(self.rope.device)
+        self.rope = self._rope_table().to(self.rope.device)
         for name, param in self.named_parameters():
             full = _init_value(name, tuple(param.shape), seed, self.cfg)
             if isinstance(param, DTensor):

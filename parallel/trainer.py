@@ -26,12 +26,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.activation_checkpointing import apply_ac
+from parallel.comms import watch
 from parallel.config import Config, TrainConfig
+from parallel.context_parallel import apply_cp, shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
 from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
 from parallel.flops import flops_per_token, peak_tflops
 from parallel.mesh import Layout, init_distributed
 from parallel.model import Transformer
+from parallel.pipeline_parallel import Pipeline, build_stage_model, stage_ids
 from parallel.tensor_parallel import apply_tp, loss_context
 
 
@@ -68,18 +71,30 @@ class Trainer:
         self.dtype = compute_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
 
+        p = cfg.parallel
+        seq_len = cfg.train.seq_len
+        self.stage_ids = stage_ids(self.layout.coord("pp"), p.pp, p.pp_virtual, p.pp_schedule) if p.pp > 1 else [0]
+        n_stages = p.pp * (2 if p.pp_schedule == "zbv" else p.pp_virtual)
         with torch.device("meta"):
-            model = Transformer(cfg.model, max_seq_len=cfg.train.seq_len)
-        if cfg.parallel.tp > 1:
-            apply_tp(model, self.layout.mesh["tp"])
-        model.to_empty(device=self.device)
-        model.init_weights(cfg.train.seed)
-        apply_ac(model, cfg.parallel.activation_checkpointing)
-        self.model = model
+            if p.pp > 1:
+                parts = [build_stage_model(cfg.model, i, n_stages, seq_len) for i in self.stage_ids]
+            else:
+                parts = [Transformer(cfg.model, max_seq_len=seq_len)]
+        for model in parts:
+            if p.tp > 1:
+                apply_tp(model, self.layout.mesh["tp"])
+            model.to_empty(device=self.device)
+            model.init_weights(cfg.train.seed)
+            if p.cp > 1:
+                apply_cp(model, self.layout.group("cp"), seq_len, p.cp_mode)
+            apply_ac(model, p.activation_checkpointing)
+        self.parts = parts
         self.optimizer = self._build_optimizer()
+        self.pipeline = None
+        if p.pp > 1:
+            self.pipeline = Pipeline(cfg, parts, self.stage_ids, self.layout.group("pp"), self.device, self._loss_fn)
 
-        if source is None:
-            source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         self.data = DataStream(
             source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
         )
@@ -95,45 +110,69 @@ class Trainer:
         t, p, lay = self.cfg.train, self.cfg.parallel, self.layout
         hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
         if p.zero == 3:
-            return FSDPAdamW(self.model, lay.dp_mesh, norm_groups=[], **hyper)
-        named = [(n, q) for n, q in self.model.named_parameters() if q.requires_grad]
-        # Stage 0 holds whole gradients everywhere, so only the tp shards add up;
-        # stages 1-2 also sum the disjoint dp_shard slices.
-        norm_axes = ("tp",) if p.zero == 0 else ("dp_shard", "tp")
+            return FSDPAdamW(self.parts, lay.dp_mesh, lay.group("cp"), norm_groups=lay.groups("pp"), **hyper)
+        named = [(n, q) for part in self.parts for n, q in part.named_parameters() if q.requires_grad]
+        # The squared norm adds up over disjoint pieces: tp shards and pipeline stages
+        # always, dp_shard slices from stage 1 on (stage 0 keeps whole gradients everywhere).
+        norm_axes = ("tp", "pp") if p.zero == 0 else ("dp_shard", "tp", "pp")
         return ShardedAdamW(
             named,
             p.zero,
             shard_group=lay.group("dp_shard"),
-            replicate_group=lay.group("dp_replicate"),
+            replicate_groups=lay.groups("dp_replicate", "cp"),
             norm_groups=lay.groups(*norm_axes),
             tp=p.tp,
             **hyper,
         )
 
     # -- one optimizer step --------------------------------------------------------
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.model(inputs)  # (B, T, V), vocab-sharded DTensor under TP
+    @staticmethod
+    def _loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross entropy; logits (B, T, V) are a vocab-sharded DTensor under TP."""
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
 
-    def train_step(self) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad()
-        batches = self.data.next_step()
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Gradients of the mean loss over this rank's micro-batches; returns that mean loss."""
+        p = self.cfg.parallel
+        if self.pipeline is not None:
+            inputs = torch.cat([b[0] for b in batches])  # (M*B, T): the schedule splits it again
+            labels = torch.cat([b[1] for b in batches])
+            with loss_context(p.tp), watch("pp", self.pipeline.describe):
+                total = self.pipeline.step(inputs, labels)
+            self.optimizer.after_backward(last_microbatch=True)
+            return total
+        (model,) = self.parts
         total = torch.zeros((), device=self.device)
+        axes = "/".join(a for a, on in (("tp", p.tp > 1), ("dp_shard", p.zero == 3), ("cp", p.cp > 1)) if on)
         for i, (inputs, labels) in enumerate(batches):
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with loss_context(self.cfg.parallel.tp):
-                loss = self._loss(inputs, labels) / len(batches)
+            with loss_context(p.tp), watch(axes or "none", f"forward/backward of micro-batch {i}"):
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    logits = model(inputs)
+                loss = self._loss_fn(logits, labels) / len(batches)
                 loss.backward()
             total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
             self.optimizer.after_backward(last_microbatch=i == len(batches) - 1)
+        return total
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        p = self.cfg.parallel
+        self.optimizer.zero_grad()
+        cp_rank = self.layout.coord("cp")
+        batches = [
+            (shard_sequence(x, p.cp, cp_rank).to(self.device), shard_sequence(y, p.cp, cp_rank).to(self.device))
+            for x, y in self.data.next_step()
+        ]
+        total = self._forward_backward(batches)
         self.step += 1
         lr = lr_at(self.step, self.cfg.train)
         grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
-        for group in self.layout.groups("dp_replicate", "dp_shard"):
-            dist.all_reduce(total, group=group)
-        loss_value = total.item() / self.cfg.parallel.dp
+        # Each rank's loss is the mean over its tokens; every (dp, cp) rank holds as many
+        # tokens, so the global mean is their average. Only last-stage ranks hold a loss.
+        with watch("dp/cp/pp", "all-reduce of the loss"):
+            for group in self.layout.groups("pp", "cp", "dp_replicate", "dp_shard"):
+                dist.all_reduce(total, group=group)
+        loss_value = total.item() / (p.dp * p.cp)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t0
@@ -167,7 +206,7 @@ class Trainer:
 
     def _banner(self) -> str:
         p = self.cfg.parallel
-        n_params = sum(q.numel() for q in self.model.parameters())  # local numel; informative only
+        n_params = sum(q.numel() for m in self.parts for q in m.parameters())  # local numel; informative
         return (
             f"fourfold: {self.cfg.name} | world {dist.get_world_size()} = pp {p.pp} x dp {p.dp} "
             f"(replicate {p.dp_replicate}) x cp {p.cp} x tp {p.tp} | zero {p.zero} | {self.device.type} "
@@ -189,11 +228,16 @@ class Trainer:
             )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter whole (gathered from TP/FSDP shards), on every rank; for tests."""
+        """Every parameter whole (gathered from TP/FSDP shards and pipeline stages), on every rank."""
         out = {}
-        for name, p in self.model.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
+        for model in self.parts:
+            for name, p in model.named_parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[name.replace("_checkpoint_wrapped_module.", "")] = full.detach().cpu().clone()
+        if self.cfg.parallel.pp > 1:
+            gathered: list[dict[str, torch.Tensor]] = [{} for _ in range(self.cfg.parallel.pp)]
+            dist.all_gather_object(gathered, out, group=self.layout.group("pp"))
+            out = {k: v for d in gathered for k, v in d.items()}
         return out
 
     def close(self) -> None:

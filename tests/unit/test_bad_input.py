@@ -20,7 +20,10 @@ CASES = {
     "unknown field": (1, ["train.bogus=1"], "train.bogus: unknown field"),
     "unknown section": (1, ["trian.steps=1"], "trian: unknown field"),
     "zero range": (1, ["parallel.zero=4"], "parallel.zero: Input should be 0, 1, 2 or 3"),
-    "pp not yet": (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not available yet"),
+    "pp microbatches": (4, ["parallel.pp=4", "train.global_batch=4"], "parallel.microbatches=2: pp_schedule=1f1b with pp=4 needs at least 4"),
+    "pp too many stages": (4, ["parallel.pp=4", "parallel.pp_virtual=2", "parallel.pp_schedule=interleaved_1f1b"], "8 stages but model.n_layers=4"),
+    "zbv virtual": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv"], "pp_schedule=zbv runs exactly 2 stages per rank"),
+    "seq_len vs cp": (2, ["parallel.cp=2", "train.seq_len=30"], "train.seq_len=30 is not divisible by 4"),
     "missing text path": (1, ["data.source=text", "data.path=/nonexistent/corpus"], "data.path"),
     "empty text dir": (1, ["data.source=text", "data.path={empty}"], "data.path"),
 }  # fmt: skip

@@ -1,0 +1,147 @@
+"""Pipeline parallelism on `torch.distributed.pipelining`.
+
+The model is cut into pp * pp_virtual stages of consecutive layers, as evenly as
+possible (earlier stages take the remainder). The first stage owns the token
+embedding; the last owns the final norm, the output head and the loss. Each
+stage is a `Transformer` with the other parts deleted, so parameter names (and
+therefore the seeded initial weights) are those of the whole model.
+
+Which stages a pp rank holds: one (gpipe, 1f1b); pp_virtual in loop order
+r, r+pp, ... (interleaved_1f1b); or two in V order r and 2*pp-1-r (zbv), so the
+first and last stage share rank 0.
+
+The schedule splits the rank's batch into `microbatches` and scales gradients
+by 1/microbatches once at the end, so the result is the mean over micro-batches
+exactly as gradient accumulation in one process gives. Data-parallel reduction
+happens after the schedule, once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+    _PipelineSchedule,
+)
+
+from parallel.config import Config, ModelConfig
+from parallel.model import Transformer
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zbv": ScheduleZBVZeroBubble,
+}
+
+
+def stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
+    """The global stage indices this pp rank holds, in execution order."""
+    if schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(virtual)]
+
+
+def layer_ranges(n_layers: int, n_stages: int) -> list[range]:
+    """Consecutive layer indices per stage, as even as possible."""
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def build_stage_model(cfg: ModelConfig, stage: int, n_stages: int, max_seq_len: int) -> Transformer:
+    """The whole model (on the current default device) with everything outside `stage` deleted."""
+    model = Transformer(cfg, max_seq_len=max_seq_len)
+    keep = layer_ranges(cfg.n_layers, n_stages)[stage]
+    for key in list(model.layers.keys()):
+        if int(key) not in keep:
+            del model.layers[key]
+    if stage != 0:
+        model.tok_embeddings = None
+    if stage != n_stages - 1:
+        model.norm = None
+        model.output = None
+    return model
+
+
+class Pipeline:
+    """This rank's pipeline stages and the schedule that drives them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        parts: list[Transformer],
+        ids: list[int],
+        pp_group: torch.distributed.ProcessGroup,
+        device: torch.device,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        p = cfg.parallel
+        self.n_stages = p.pp * (2 if p.pp_schedule == "zbv" else p.pp_virtual)
+        self.stages = [
+            PipelineStage(m, i, self.n_stages, device, group=pp_group) for m, i in zip(parts, ids, strict=True)
+        ]
+        self.has_first = 0 in ids
+        self.has_last = self.n_stages - 1 in ids
+        n_micro = p.microbatches or cfg.grad_accum
+        cls = SCHEDULES[p.pp_schedule]
+        multi = p.pp_schedule in ("interleaved_1f1b", "zbv")  # these take a list of stages
+        self.schedule: _PipelineSchedule = cls(
+            self.stages if multi else self.stages[0], n_microbatches=n_micro, loss_fn=loss_fn
+        )
+        self.action = "starting the schedule"
+        for stage in self.stages:
+            _track(stage, self)
+
+    def describe(self) -> str:
+        """What this rank's pipeline was doing last (named in timeout errors)."""
+        return f"pipeline {self.action}"
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over all micro-batches; returns this rank's summed
+        micro-batch losses divided by their count (0 on ranks without the last stage)."""
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        target = labels if self.has_last else None
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        if not losses:
+            return torch.zeros((), device=inputs.device)
+        total = torch.stack([_plain(loss).detach() for loss in losses]).sum()
+        return total / len(losses)
+
+
+_ACTIONS = {
+    "get_fwd_recv_ops": "stage {s}: receiving activations of micro-batch {mb} from stage {prev}",
+    "get_fwd_send_ops": "stage {s}: sending activations of micro-batch {mb} to stage {next}",
+    "get_bwd_recv_ops": "stage {s}: receiving gradients of micro-batch {mb} from stage {next}",
+    "get_bwd_send_ops": "stage {s}: sending gradients of micro-batch {mb} to stage {prev}",
+    "forward_one_chunk": "stage {s}: forward of micro-batch {mb}",
+    "backward_one_chunk": "stage {s}: backward of micro-batch {mb}",
+}
+
+
+def _track(stage: PipelineStage, pipeline: Pipeline) -> None:
+    """Record each action of `stage` on `pipeline.action` before it runs (for timeout errors)."""
+    s = stage.stage_index
+    for name, template in _ACTIONS.items():
+        method = getattr(stage, name)
+
+        def tracked(mb: int, *args, _m=method, _t=template, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            pipeline.action = _t.format(s=s, mb=mb, prev=s - 1, next=s + 1)
+            return _m(mb, *args, **kwargs)
+
+        setattr(stage, name, tracked)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,103 @@
+"""Run the engine in N local processes (gloo on loopback, one thread each) and collect results.
+
+Each rank builds a `Trainer` exactly as `python -m parallel.train` would; rank 0
+saves the per-step metrics and the full (gathered) weights for the test to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+BASE: dict[str, Any] = {
+    "model": {"preset": "tiny"},
+    "train": {
+        "steps": 5, "global_batch": 8, "micro_batch": 2, "seq_len": 32, "lr": 1e-3,
+        "warmup_steps": 1, "seed": 0, "grad_clip": 1.0,
+    },
+    "data": {"source": "synthetic"},
+    "metrics": {"peak_tflops": 1.0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], out: str, extra: str | None) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from parallel.config import apply_overrides, build_config
+    from parallel.trainer import Trainer
+
+    import copy
+
+    cfg = build_config(apply_overrides(copy.deepcopy(BASE), overrides), world_size=world)
+    trainer = Trainer(cfg)
+    history = trainer.run()
+    result: dict[str, Any] = {"history": history, "weights": trainer.full_state_dict()}
+    if extra == "memory":
+        from parallel.data_parallel import memory_breakdown
+
+        result["memory"] = memory_breakdown(trainer.parts, trainer.optimizer)
+        all_mem: list[Any] = [None] * world
+        dist.all_gather_object(all_mem, result["memory"])
+        result["memory_all"] = all_mem
+    if rank == 0:
+        torch.save(result, out)
+    trainer.close()
+    dist.destroy_process_group()
+
+
+def run_layout(world: int, overrides: list[str], tmp: Path, extra: str | None = None) -> dict[str, Any]:
+    """Train BASE + overrides on `world` ranks; return rank 0's history and full weights."""
+    out = str(tmp / f"result-{world}-{abs(hash(tuple(overrides)))}.pt")
+    mp.start_processes(_worker, args=(world, free_port(), overrides, out, extra), nprocs=world, start_method="spawn")
+    return torch.load(out, weights_only=False)
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any], loss_rtol: float = 1e-4, weight_atol: float = 1e-5) -> None:
+    """Assert the per-step losses and the final weights match the single-process run."""
+    ref_losses = [m["loss"] for m in ref["history"]]
+    got_losses = [m["loss"] for m in got["history"]]
+    assert len(ref_losses) == len(got_losses)
+    for step, (a, b) in enumerate(zip(ref_losses, got_losses), start=1):
+        assert abs(a - b) <= loss_rtol * abs(a), f"step {step}: loss {b} vs single-process {a}"
+    assert ref["weights"].keys() == got["weights"].keys()
+    for name, w in ref["weights"].items():
+        diff = (w - got["weights"][name]).abs().max().item()
+        assert diff <= weight_atol, f"{name}: max abs weight difference {diff:.2e} > {weight_atol}"
+
+
+def _call(rank: int, world: int, port: int, fn: Any, args: tuple, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        torch.save(fn(rank, world, *args), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Any, world: int, tmp: Path, *args: Any) -> list[Any]:
+    """Run fn(rank, world, *args) on `world` gloo ranks; return each rank's return value."""
+    out = str(tmp / f"spawn-{fn.__name__}-{world}-{free_port()}")
+    mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn")
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
