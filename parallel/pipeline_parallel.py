@@ -99,13 +99,14 @@ class Pipeline:
         self.schedule: _PipelineSchedule = cls(
             self.stages if multi else self.stages[0], n_microbatches=n_micro, loss_fn=loss_fn
         )
-        self.action = "starting the schedule"
+        self.action, self.transfer = "starting the schedule", "none"
         for stage in self.stages:
             _track(stage, self)
 
     def describe(self) -> str:
-        """What this rank's pipeline was doing last (named in timeout errors)."""
-        return f"pipeline {self.action}"
+        """What this rank's pipeline was doing last (named in timeout errors). Transfers are
+        posted, then waited for later, so the last one posted is named beside the action."""
+        return f"pipeline {self.action} (last transfer posted: {self.transfer})"
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward over all micro-batches; returns this rank's summed
@@ -136,8 +137,14 @@ def _track(stage: PipelineStage, pipeline: Pipeline) -> None:
     for name, template in _ACTIONS.items():
         method = getattr(stage, name)
 
-        def tracked(mb: int, *args, _m=method, _t=template, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            pipeline.action = _t.format(s=s, mb=mb, prev=s - 1, next=s + 1)
+        def tracked(mb: int, *args, _m=method, _t=template, _n=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            text = _t.format(s=s, mb=mb, prev=s - 1, next=s + 1)
+            if _n.startswith("get_"):
+                ops = _m(mb, *args, **kwargs)
+                if ops:
+                    pipeline.transfer = text
+                return ops
+            pipeline.action = text
             return _m(mb, *args, **kwargs)
 
         setattr(stage, name, tracked)

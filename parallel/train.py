@@ -76,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from parallel.comms import CommTimeout
     from parallel.trainer import Trainer
 
     trainer = Trainer(cfg, metrics_file=args.metrics_file, source=source)
     try:
         trainer.run()
+    except CommTimeout as err:  # a peer stopped answering: say who waited on what, not a traceback
+        print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
+        return 3
     finally:
         trainer.close()
         if dist.is_initialized():

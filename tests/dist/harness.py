@@ -81,7 +81,7 @@ def compare(ref: dict[str, Any], got: dict[str, Any], loss_rtol: float = 1e-4, w
         assert diff <= weight_atol, f"{name}: max abs weight difference {diff:.2e} > {weight_atol}"
 
 
-def _call(rank: int, world: int, port: int, fn: Any, args: tuple, out: str) -> None:
+def _call(rank: int, world: int, port: int, fn: Any, args: tuple, out: str, timeout_s: float) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
@@ -89,15 +89,17 @@ def _call(rank: int, world: int, port: int, fn: Any, args: tuple, out: str) -> N
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     try:
         torch.save(fn(rank, world, *args), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn: Any, world: int, tmp: Path, *args: Any) -> list[Any]:
+def spawn(fn: Any, world: int, tmp: Path, *args: Any, timeout_s: float = 300) -> list[Any]:
     """Run fn(rank, world, *args) on `world` gloo ranks; return each rank's return value."""
     out = str(tmp / f"spawn-{fn.__name__}-{world}-{free_port()}")
-    mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn")
+    mp.start_processes(_call, args=(world, free_port(), fn, args, out, timeout_s), nprocs=world, start_method="spawn")
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
