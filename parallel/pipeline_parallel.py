@@ -18,6 +18,7 @@ happens after the schedule, once per step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -100,6 +101,7 @@ class Pipeline:
             self.stages if multi else self.stages[0], n_microbatches=n_micro, loss_fn=loss_fn
         )
         self.action, self.transfer = "starting the schedule", "none"
+        self.busy_s = 0.0  # time spent computing (not waiting), for bubble measurements
         for stage in self.stages:
             _track(stage, self)
 
@@ -128,6 +130,7 @@ _ACTIONS = {
     "get_bwd_send_ops": "stage {s}: sending gradients of micro-batch {mb} to stage {prev}",
     "forward_one_chunk": "stage {s}: forward of micro-batch {mb}",
     "backward_one_chunk": "stage {s}: backward of micro-batch {mb}",
+    "backward_weight_one_chunk": "stage {s}: weight gradients of micro-batch {mb}",
 }
 
 
@@ -145,7 +148,11 @@ def _track(stage: PipelineStage, pipeline: Pipeline) -> None:
                     pipeline.transfer = text
                 return ops
             pipeline.action = text
-            return _m(mb, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return _m(mb, *args, **kwargs)
+            finally:
+                pipeline.busy_s += time.perf_counter() - start
 
         setattr(stage, name, tracked)
 
