@@ -1,0 +1,55 @@
+# fourfold: `make demo` sets everything up and trains the demo job; `make test` runs the tests.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fourfold-setup
+# One thread per rank and gloo on loopback: what the multi-process runs and tests need on CPU.
+DIST_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo MASTER_ADDR=127.0.0.1
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: the local CPU wheel satisfies it, whereas a bare `torch` requirement
+# could pull a multi-GB CUDA build. The stamp makes setup a no-op until pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -q torch==2.13.0
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -q -e '.[dev]'
+	touch $(STAMP)
+
+# The service in the background (local Ray head on 127.0.0.1, SQLite store, API and dashboard on
+# :8000), then the demo job submitted to it and followed to the end; the dashboard keeps running.
+demo: setup
+	$(DIST_ENV) $(BIN)/fourfold up --detach --data-dir runs/service
+	@id=$$($(BIN)/fourfold submit examples/demo.yaml) && echo "submitted job $$id" && \
+		$(BIN)/fourfold logs $$id --follow && $(BIN)/fourfold status $$id
+	@echo "dashboard: http://127.0.0.1:8000/  (stop the service: $(BIN)/fourfold down --data-dir runs/service)"
+
+# pytest exits 5 when it collected no tests; any non-zero status fails the target, and we say why.
+define pytest
+	@set -e; export $(DIST_ENV); status=0; \
+	echo '$(BIN)/python -m pytest -q $(1) $(PYTEST_ARGS)'; \
+	$(BIN)/python -m pytest -q $(1) $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$status
+endef
+
+test: setup
+	$(call pytest,)
+
+test-fast: setup
+	$(call pytest,-m "not dist and not ray and not browser")
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/engine_bench.py --preset debug $(BENCH_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
