@@ -58,6 +58,8 @@ class ModelConfig(_Section):
     """RoPE base frequency (10000 unless the preset says otherwise)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    init_from: str | None = None
+    """Start from a Hugging Face Llama directory (config.json + safetensors), e.g. a `fourfold ckpt export`."""
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> ModelConfig:
@@ -110,6 +112,8 @@ class ParallelConfig(_Section):
     """Recompute activations in backward: every block (full), or keep matmul outputs (selective)."""
     timeout_s: float = Field(600.0, gt=0)
     """How long a collective may wait before the run fails."""
+    dp_min: int | None = Field(None, ge=1)
+    """Elastic data parallelism: after losing room, restart with the largest dp that fits, down to this (null = dp)."""
 
     @property
     def world_size(self) -> int:
@@ -169,6 +173,45 @@ class MetricsConfig(_Section):
     """Print a progress line every this many steps (the metrics file gets every step)."""
 
 
+class CheckpointConfig(_Section):
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, populate_by_name=True
+    )
+
+    dir: str | None = None
+    """Where checkpoints go (local path or fsspec URL such as s3://bucket/run); null = no checkpoints."""
+    every: int = Field(0, ge=0)
+    """Save every this many steps (0 = only at the end); the last step is always saved."""
+    keep_last: int = Field(2, ge=1)
+    """Keep this many of the newest complete checkpoints."""
+    keep_every: int | None = Field(None, ge=1)
+    """Also keep every checkpoint whose step is a multiple of this (milestones)."""
+    async_: bool = Field(False, alias="async")
+    """Write in the background while training continues (the blocked time is in the metrics)."""
+    resume: str | None = None
+    """`auto` = the newest complete checkpoint in `dir` (start fresh if none), or a checkpoint path."""
+
+
+class ResourcesConfig(_Section):
+    """Read by the Ray launcher and the service, not by the engine."""
+
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    """What each rank runs on: one GPU per rank (nccl), or CPU slots (gloo)."""
+    cpus_per_rank: int = Field(1, ge=1)
+    """CPUs each rank takes; on a CPU cluster a node's CPUs divided by this are its slots."""
+
+
+class RestartConfig(_Section):
+    """Read by the service's supervisor, not by the engine."""
+
+    max_failures: int = Field(3, ge=0)
+    """Restarts from the newest checkpoint before the job is marked FAILED."""
+    backoff_s: float = Field(10.0, ge=0)
+    """Seconds to wait before the first restart; doubled for each further one, capped at 300 s."""
+    hang_timeout_s: float = Field(300.0, gt=0)
+    """A job whose ranks report no heartbeat for this long is treated as failed."""
+
+
 class Config(_Section):
     name: str = "fourfold"
     """A name for the run."""
@@ -177,6 +220,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
 
     @property
     def grad_accum(self) -> int:
@@ -191,6 +237,8 @@ def _divisors(n: int) -> str:
 def check(cfg: Config, world_size: int | None = None) -> Config:
     """Cross-field checks; raise ConfigError naming the field, the value and what is valid."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
+    if p.dp_min is not None and p.dp_min > p.dp:
+        raise ConfigError(f"parallel.dp_min={p.dp_min} is larger than parallel.dp={p.dp}; use 1 to {p.dp}")
     if m.n_heads % p.tp:
         raise ConfigError(
             f"parallel.tp={p.tp}: model.n_heads={m.n_heads} is not divisible by it; valid tp: {_divisors(m.n_heads)}"
@@ -222,6 +270,8 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
             + ")"
         )
     _check_pipeline(cfg)
+    if cfg.checkpoint.resume == "auto" and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.resume=auto needs checkpoint.dir to look in")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
     if world_size is not None and world_size != p.world_size:

@@ -35,6 +35,12 @@ SECTION_INTROS: dict[str, str] = {
     "train": "Batch, sequence, optimizer (AdamW) and learning-rate schedule (linear warm-up, cosine decay).",
     "data": "Where tokens come from. Samples are addressed by a global index, so every layout sees the same batches.",
     "metrics": "How throughput and MFU are measured and printed. See [metrics.md](metrics.md).",
+    "checkpoint": (
+        "Saving and resuming with `torch.distributed.checkpoint`; a checkpoint loads at any layout. "
+        "See [checkpoints.md](checkpoints.md)."
+    ),
+    "resources": "What each rank takes on a Ray cluster. The engine ignores it; `python -m workers.run` reads it.",
+    "restart": "How the service restarts a failed job. The engine and the Ray launcher accept it and ignore it.",
 }
 
 CROSS_FIELD_CHECKS = (
@@ -46,8 +52,10 @@ CROSS_FIELD_CHECKS = (
     "`train.global_batch` is a multiple of `parallel.dp * train.micro_batch`; the quotient is the number of "
     "gradient-accumulation micro-batches per step.",
     "`train.seq_len` is a multiple of `parallel.tp` (sequence parallelism), and of `2 * cp * tp` when `cp > 1`.",
-    "`parallel.pp > 1` and `parallel.cp > 1` are refused for now: pipeline and context parallelism are not "
-    "available yet.",
+    "With `parallel.pp > 1`: `model.n_layers` is at least `pp * pp_virtual` (one layer per stage); `gpipe` and "
+    "`1f1b` take `pp_virtual: 1`, `interleaved_1f1b` at least 2, `zbv` exactly 2; `parallel.microbatches`, when "
+    "set, equals the gradient-accumulation count, which must be at least `pp` for `1f1b` and `interleaved_1f1b` "
+    "and `2 * pp - 1` for `zbv` (and for `interleaved_1f1b` a multiple of `max(1, microbatches // pp)`).",
     "`data.path` is required for `data.source` `text` and `tokens`; the data is opened and checked before any "
     "process group exists.",
     "`dp * tp * pp * cp` equals the number of processes launched.",
@@ -111,9 +119,14 @@ def _field_table(prefix: str, model: type[BaseModel]) -> list[str]:
         bounds = _constraints(field)
         if bounds:
             kind += f", {bounds}"
-        key = f"{prefix}.{name}" if prefix else name
+        key = f"{prefix}.{yaml_key(name, field)}" if prefix else yaml_key(name, field)
         lines.append(f"| `{key}` | {_cell(kind)} | {_cell(_default(field))} | {_cell(field.description or '')} |")
     return lines
+
+
+def yaml_key(name: str, field: FieldInfo) -> str:
+    """The key written in YAML and --set: the alias when the attribute name differs (`async_` -> `async`)."""
+    return field.alias or name
 
 
 def _section_type(field: FieldInfo) -> type[BaseModel] | None:
@@ -175,7 +188,9 @@ def render_reference() -> str:
                 *_preset_table(),
                 "",
             ]
-    out += ["## Checks across fields", "", *(f"- {line}" for line in CROSS_FIELD_CHECKS), ""]
+    out += ["## Checks across fields", "", "Made by `check()` in parallel/config.py before any process group exists:"]
+    out += [""]
+    out += [*(f"- {line}" for line in CROSS_FIELD_CHECKS), ""]
     return "\n".join(out)
 
 

@@ -44,6 +44,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states
+
+
+def _like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Give a local tensor the parameter's distributed layout (for checkpoints)."""
+    if isinstance(param, DTensor):
+        return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False)
+    return t
+
+
 def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2  # norms (1-D) get no weight decay
 
@@ -214,6 +224,39 @@ class ShardedAdamW:
             _local(p).view(-1).copy_(full[offset : offset + n])
             offset += n
 
+    # -- checkpoints: per-parameter states, laid out like the parameter --------------
+    @torch.no_grad()
+    def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """{id(param): {"exp_avg": t, "exp_avg_sq": t}}, each t whole on this rank's tp shard
+        (a DTensor with the parameter's placements), gathered from the ZeRO pieces."""
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        device = _local(self.params[0]).device
+        for key in STATE_KEYS:
+            shard = torch.zeros(self.shard_size, device=device)
+            for v, pc in self.slots:
+                if v in self.opt.state:
+                    shard[pc.offset : pc.offset + pc.stop - pc.start] = self.opt.state[v][key]
+            full = shard
+            if self.zero >= 1 and self.shard_group is not None:
+                full = torch.empty(self.shard_size * self.n_shards, device=device)
+                dist.all_gather_single(full, shard, group=self.shard_group)
+            offset = 0
+            for p in self.params:
+                local = _local(p)
+                t = full[offset : offset + local.numel()].view_as(local).clone()
+                out.setdefault(id(p), {})[key] = _like_param(t, p)
+                offset += local.numel()
+        return out
+
+    @torch.no_grad()
+    def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        """Inverse of export_states: keep this rank's pieces of each state."""
+        for v, pc in self.slots:
+            st = states[id(pc.param)]
+            self.opt.state[v] = {"step": torch.tensor(float(step))} | {
+                key: _local(st[key]).reshape(-1)[pc.start : pc.stop].clone() for key in STATE_KEYS
+            }
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
@@ -289,6 +332,13 @@ class FSDPAdamW:
             group["lr"] = lr
         self.opt.step()
         return norm.item()
+
+    def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {id(p): {k: self.opt.state[p][k] for k in STATE_KEYS} for p in self.params if p in self.opt.state}
+
+    def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
+        for p in self.params:
+            self.opt.state[p] = {"step": torch.tensor(float(step))} | {k: states[id(p)][k] for k in STATE_KEYS}
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

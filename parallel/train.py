@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--metrics-file", help="append one JSON object per optimizer step (global rank 0)")
     parser.add_argument(
+        "--resume", metavar="auto|PATH", help="resume from the newest complete checkpoint in checkpoint.dir, or PATH"
+    )
+    parser.add_argument(
         "--nproc-per-node", type=int, help="check the config, then start this many local ranks through torchrun"
     )
     return parser.parse_args(argv)
@@ -65,8 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
         from parallel.data import build_source  # imports torch, so only once the config parsed
 
-        # The data is checked here too, before any process group exists.
+        # The data and the checkpoint to resume from are checked here too, before any process group exists.
         source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        if args.resume:
+            cfg.checkpoint.resume = args.resume
+        from parallel.checkpoint import resolve_resume
+        from parallel.hf import check_hf_dir
+
+        if cfg.model.init_from:
+            check_hf_dir(cfg.model.init_from, cfg.model)
+        resolve_resume(cfg, None)
     except ConfigError as err:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"fourfold: config error: {err}", file=sys.stderr)
@@ -79,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.comms import CommTimeout
     from parallel.trainer import Trainer
 
-    trainer = Trainer(cfg, metrics_file=args.metrics_file, source=source)
+    try:
+        trainer = Trainer(cfg, metrics_file=args.metrics_file, source=source)
+    except ConfigError as err:  # e.g. a checkpoint whose shards turn out unreadable while loading
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     try:
         trainer.run()
     except CommTimeout as err:  # a peer stopped answering: say who waited on what, not a traceback

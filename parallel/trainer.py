@@ -26,12 +26,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.activation_checkpointing import apply_ac
+from parallel.checkpoint import Checkpointer, resolve_resume
 from parallel.comms import watch
 from parallel.config import Config, TrainConfig
 from parallel.context_parallel import apply_cp, shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
 from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
 from parallel.flops import flops_per_token, peak_tflops
+from parallel.hf import load_hf
 from parallel.mesh import Layout, init_distributed
 from parallel.model import Transformer
 from parallel.pipeline_parallel import Pipeline, build_stage_model, stage_ids
@@ -63,7 +65,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Trainer:
     """One rank's share of a training run. Every rank constructs one and calls `run`."""
 
-    def __init__(self, cfg: Config, metrics_file: str | Path | None = None, source: TokenSource | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        metrics_file: str | Path | None = None,
+        source: TokenSource | None = None,
+        resume: str | None = None,
+    ) -> None:
+        """resume: a checkpoint path, `auto`, or None to follow cfg.checkpoint.resume."""
         self.cfg = cfg
         self.device = init_distributed(cfg.parallel.timeout_s)
         self.rank = dist.get_rank()
@@ -85,6 +94,8 @@ class Trainer:
                 apply_tp(model, self.layout.mesh["tp"])
             model.to_empty(device=self.device)
             model.init_weights(cfg.train.seed)
+            if cfg.model.init_from:
+                load_hf([model], cfg.model.init_from, cfg.model)
             if p.cp > 1:
                 apply_cp(model, self.layout.group("cp"), seq_len, p.cp_mode)
             apply_ac(model, p.activation_checkpointing)
@@ -94,11 +105,23 @@ class Trainer:
         if p.pp > 1:
             self.pipeline = Pipeline(cfg, parts, self.stage_ids, self.layout.group("pp"), self.device, self._loss_fn)
 
-        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+        if source is None:
+            source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         self.data = DataStream(
             source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
         )
         self.step = 0
+        self._since_ckpt: list[dict[str, Any]] = []  # step metrics not yet in a checkpoint
+        self.checkpointer: Checkpointer | None = None
+        resume_path, meta = resolve_resume(cfg, resume)
+        if cfg.checkpoint.dir or resume_path:
+            self.checkpointer = Checkpointer(cfg, self.parts, self.optimizer, self.rank)
+        if resume_path is not None:
+            self.checkpointer.load(resume_path)
+            self.step = meta["step"]
+            self.data.load_state_dict(meta["data"])
+            if self.rank == 0:
+                print(f"fourfold: resumed from {resume_path} at step {self.step}", flush=True)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, self.dtype, cfg.metrics.peak_tflops)
         self._metrics_out: IO[str] | None = None
@@ -197,12 +220,42 @@ class Trainer:
             print(self._banner(), flush=True)
         while self.step < self.cfg.train.steps:
             metrics = self.train_step()
+            if self.checkpointer is not None:
+                self._since_ckpt.append(dict(metrics))
+            metrics["ckpt_block_s"] = self._maybe_checkpoint()
             history.append(metrics)
             if self.rank == 0:
                 self._report(metrics)
             if on_step is not None:
                 on_step(metrics)
+        if self.checkpointer is not None:
+            self.checkpointer.finish()
         return history
+
+    def _maybe_checkpoint(self) -> float:
+        """Save when due; returns the seconds the step was blocked by checkpointing."""
+        c, ck = self.cfg.checkpoint, self.checkpointer
+        if ck is None or not c.dir:
+            return 0.0
+        start = time.perf_counter()
+        ck.poll()
+        due = self.step == self.cfg.train.steps or (c.every > 0 and self.step % c.every == 0)
+        if due:
+            ck.save(self.step, self.checkpoint_meta())
+        return time.perf_counter() - start
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint records besides the tensors: data position, LR, layout, the job's config,
+        and the metrics of the steps since the previous checkpoint (a supervisor that died before
+        storing them finds them here)."""
+        recent, self._since_ckpt = self._since_ckpt, []
+        return {
+            "data": self.data.state_dict(),
+            "lr": lr_at(self.step, self.cfg.train),
+            "layout": self.cfg.parallel.model_dump(),
+            "config": self.cfg.model_dump(mode="json", by_alias=True),
+            "metrics": recent,
+        }
 
     def _banner(self) -> str:
         p = self.cfg.parallel

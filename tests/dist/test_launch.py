@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
-FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s", "peak_mem_bytes"}
+FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s", "peak_mem_bytes", "ckpt_block_s"}
 
 
 def test_two_ranks_on_stdlib_text_write_metrics(tmp_path: Path) -> None:

@@ -1,0 +1,161 @@
+"""Hugging Face Llama format: export a checkpoint, start a job from an export.
+
+    fourfold ckpt export runs/x/ckpt/step-00000010 --hf runs/x/hf     # config.json + model.safetensors
+    fourfold train --set model.init_from=runs/x/hf ...                 # start from it
+
+Names map one to one (`layers.0.attention.wq.weight` <->
+`model.layers.0.self_attn.q_proj.weight`). One difference is in the numbers: our
+RoPE rotates adjacent pairs (x[2i], x[2i+1]) while HF's rotates the two halves of
+each head, so the rows of wq and wk are permuted per head on the way out and back
+on the way in. A permutation moves values without touching them: a round trip is
+bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from parallel.config import ConfigError, ModelConfig
+
+WEIGHTS = "model.safetensors"
+# Our name suffix within a block -> HF's.
+_BLOCK = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+_TOP["output.weight"] = "lm_head.weight"
+# HF config.json key -> our ModelConfig field; the fields that fix the model's shape.
+_CONFIG_KEYS = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "intermediate_size": "ffn_dim",
+    "vocab_size": "vocab_size",
+}
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the HF Llama name."""
+    if name in _TOP:
+        return _TOP[name]
+    _, index, rest = name.split(".", 2)  # layers.<i>.<rest>
+    return f"model.layers.{index}.{_BLOCK[rest]}"
+
+
+def _heads_of(name: str, cfg: ModelConfig) -> int | None:
+    """Heads whose rows must be permuted for this parameter (None: no RoPE inside)."""
+    if name.endswith("attention.wq.weight"):
+        return cfg.n_heads
+    if name.endswith("attention.wk.weight"):
+        return cfg.n_kv_heads
+    return None
+
+
+def pairs_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's rows from (0, 1, 2, 3, ...) pairs to (evens, odds) halves: (H*Dh, C)."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of pairs_to_halves."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096) -> dict[str, Any]:
+    out: dict[str, Any] = {hf: getattr(cfg, ours) for hf, ours in _CONFIG_KEYS.items()}
+    out.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=cfg.init_std,
+        torch_dtype="float32",
+    )
+    return out
+
+
+def export_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
+    """Write full (unsharded) weights under our names as an HF Llama directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, w in weights.items():
+        heads = _heads_of(name, cfg)
+        w = w.detach().cpu()
+        tensors[hf_name(name)] = (pairs_to_halves(w, heads) if heads else w).contiguous()
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    return out
+
+
+def check_hf_dir(path: str, cfg: ModelConfig) -> None:
+    """Refuse (ConfigError) a directory that is not an HF Llama export of this model's shape."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"model.init_from={path}: no config.json there (expected an HF Llama directory)")
+    if not list(root.glob("*.safetensors")):
+        raise ConfigError(f"model.init_from={path}: no *.safetensors weights there")
+    try:
+        saved = json.loads((root / "config.json").read_text())
+    except ValueError as err:
+        raise ConfigError(f"model.init_from={path}: config.json is not JSON ({err})") from None
+    for hf, ours in _CONFIG_KEYS.items():
+        want = getattr(cfg, ours)
+        if saved.get(hf, want if hf == "num_key_value_heads" else None) != want:
+            raise ConfigError(
+                f"model.init_from={path}: {hf} is {saved.get(hf)} there but model.{ours} is {want}; "
+                "set the model's dimensions to match"
+            )
+
+
+@torch.no_grad()
+def load_hf(models: list[nn.Module], path: str, cfg: ModelConfig) -> None:
+    """Copy HF weights into freshly built (possibly TP-sharded, pipeline-split) models.
+
+    Like `init_weights`, every rank reads each full tensor and keeps its own shard."""
+    where = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    for model in models:
+        for name, param in model.named_parameters():
+            key = hf_name(name)
+            if key not in where:
+                raise ConfigError(f"model.init_from={path}: tensor {key} is missing")
+            with safe_open(str(where[key]), framework="pt") as f:
+                full = f.get_tensor(key)
+            if tuple(full.shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"model.init_from={path}: {key} has shape {tuple(full.shape)}, want {tuple(param.shape)}"
+                )
+            heads = _heads_of(name, cfg)
+            full = (halves_to_pairs(full, heads) if heads else full).to(param.dtype)
+            if isinstance(param, DTensor):
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full.to(param.device))

@@ -1,0 +1,104 @@
+"""Resume: exact at the same layout, within 1e-4 at another layout, never from a
+half-written checkpoint; retention keeps exactly keep_last."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from parallel.checkpoint import CheckpointError, list_checkpoints, read_meta
+from tests.dist.harness import run_layout
+
+pytestmark = pytest.mark.dist
+
+TEN = ["train.steps=10"]
+DP2_TP2 = ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"]
+
+
+def _losses(result: dict, first: int = 1) -> list[float]:
+    return [m["loss"] for m in result["history"] if m["step"] >= first]
+
+
+def _assert_close(got: list[float], want: list[float], rtol: float) -> None:
+    assert len(got) == len(want) == 5, (got, want)
+    for i, (a, b) in enumerate(zip(got, want, strict=True), start=6):
+        assert abs(a - b) <= rtol * abs(b), f"step {i}: resumed loss {a} vs uninterrupted {b}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_layout(1, TEN, tmp_path_factory.mktemp("ref"))
+
+
+@pytest.mark.parametrize(
+    ("world", "layout"), [(1, []), (4, DP2_TP2)], ids=["one-process", "dp2-tp2"]
+)
+def test_same_layout_resume_is_exact(world: int, layout: list[str], uninterrupted: dict, tmp_path: Path) -> None:
+    ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=5"]
+    run_layout(world, [*TEN, *layout, *ckpt], tmp_path, stop_after=5)
+    resumed = run_layout(world, [*TEN, *layout, *ckpt, "checkpoint.resume=auto"], tmp_path)
+    _assert_close(_losses(resumed), _losses(uninterrupted, first=6), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def saved_dp2_tp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cross")
+    run_layout(4, [*TEN, *DP2_TP2, f"checkpoint.dir={tmp / 'ckpt'}", "checkpoint.every=5"], tmp, stop_after=5)
+    return tmp / "ckpt" / "step-00000005"
+
+
+@pytest.mark.parametrize(
+    ("world", "layout"),
+    [
+        (4, ["parallel.pp=2", "parallel.dp=2", "parallel.zero=1"]),
+        (4, ["parallel.cp=2", "parallel.tp=2"]),
+        (1, []),
+        (2, ["parallel.dp=2", "parallel.zero=3"]),
+    ],
+    ids=["pp2-dp2", "cp2-tp2", "one-process", "dp2-zero3"],
+)
+def test_resume_at_another_layout(
+    world: int, layout: list[str], saved_dp2_tp2: Path, uninterrupted: dict, tmp_path: Path
+) -> None:
+    resumed = run_layout(world, [*TEN, *layout, f"checkpoint.resume={saved_dp2_tp2}"], tmp_path)
+    _assert_close(_losses(resumed), _losses(uninterrupted, first=6), rtol=1e-4)
+
+
+def test_retention_keeps_last_two(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    run_layout(2, ["parallel.dp=2", "train.steps=10", f"checkpoint.dir={ckpt}", "checkpoint.every=1",
+                   "checkpoint.keep_last=2", "checkpoint.async=true"], tmp_path)  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000009", "step-00000010"]
+    assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [9, 10]
+
+
+def test_killed_mid_write_resumes_from_previous(tmp_path: Path) -> None:
+    """SIGKILL while step 4's checkpoint is being written: step 2's is used and the run finishes."""
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "FOURFOLD_TEST_SLOW_COMMIT": "60"}
+    args = [sys.executable, "-m", "tests.dist.slow_commit", "--set", f"checkpoint.dir={ckpt}",
+            "--set", "checkpoint.every=2", "--set", "train.steps=6"]  # fmt: skip
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "step-00000004.tmp").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    time.sleep(0.5)  # in the middle of committing step 4
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (ckpt / "step-00000004.tmp").exists() and not (ckpt / "step-00000004").exists()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_meta(str(ckpt / "step-00000004.tmp"))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "parallel.train", "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.every=2",
+         "--set", "train.steps=6", "--resume", "auto"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from {ckpt}/step-00000002 at step 2" in out.stdout
+    assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [4, 6]
+    assert not (ckpt / "step-00000004.tmp").exists()  # the crash leftover was cleaned up
