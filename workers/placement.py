@@ -1,0 +1,128 @@
+"""Where each rank runs: a plan from a job's layout and the cluster's nodes. Pure logic, no Ray.
+
+    from workers.placement import Node, make_plan
+    plan = make_plan(cfg.parallel, [Node("a", 4), Node("b", 4)])
+    for r in plan.ranks: print(r.rank, r.node, r.bundle, r.pp, r.dp, r.cp, r.tp)
+
+Ranks follow the engine's mesh order `(pp, dp, cp, tp)`, tp varying fastest, so a TP
+group is `tp` consecutive ranks and a TP x CP block is `tp * cp` consecutive ranks.
+The plan cuts the ranks into blocks that must share a node: TP x CP blocks when the
+cluster can hold every one that way, else TP groups (which must always fit). Blocks go to
+nodes round-robin in a fixed node order, each to the next node with room, so pipeline
+stages and data-parallel replicas spread across nodes, and the same cluster always
+gives the same plan. Within a node, ranks are numbered in rank order: that is the
+bundle index (and the local rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from parallel.config import ConfigError, ParallelConfig
+
+
+class PlacementError(ConfigError):
+    """The layout cannot be placed on this cluster; the message says why."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cluster node and how many ranks it can hold (GPUs, or CPUs / cpus_per_rank)."""
+
+    id: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    rank: int
+    node: str
+    bundle: int  # index of this rank on its node (its local rank)
+    pp: int
+    dp: int
+    cp: int
+    tp: int
+
+    def as_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    ranks: list[RankPlace]
+    block: int  # ranks that share a node as one unit (tp, or tp * cp)
+
+    def nodes(self) -> list[str]:
+        """The nodes used, in the order their first rank appears."""
+        return list(dict.fromkeys(r.node for r in self.ranks))
+
+    def on_node(self, node: str) -> list[RankPlace]:
+        return [r for r in self.ranks if r.node == node]
+
+
+def coords(rank: int, p: ParallelConfig) -> tuple[int, int, int, int]:
+    """(pp, dp, cp, tp) of a global rank in the engine's mesh order."""
+    tp = rank % p.tp
+    cp = rank // p.tp % p.cp
+    dp = rank // (p.tp * p.cp) % p.dp
+    pp = rank // (p.tp * p.cp * p.dp)
+    return pp, dp, cp, tp
+
+
+def make_plan(p: ParallelConfig, nodes: list[Node], unit: str = "slots") -> Plan:
+    """Assign every rank to a node; PlacementError (with the reason) when it cannot fit.
+
+    `unit` names what a slot is in messages ("GPUs" or "CPU slots")."""
+    usable = sorted((n for n in nodes if n.slots > 0), key=lambda n: n.id)
+    world = p.world_size
+    if not usable:
+        raise PlacementError(f"the cluster has no node with free {unit}; the job needs {world}")
+    largest = max(n.slots for n in usable)
+    total = sum(n.slots for n in usable)
+    if p.tp > largest:
+        raise PlacementError(f"parallel.tp={p.tp} needs {p.tp} {unit} on one node; the largest node has {largest}")
+    if world > total:
+        raise PlacementError(f"the job needs {world} {unit} (dp*tp*pp*cp) but the cluster has {total}")
+    # Keep each TP x CP block on one node if the cluster allows; else only each TP group.
+    blocks = [p.tp * p.cp, p.tp] if p.cp > 1 and p.tp * p.cp <= largest else [p.tp]
+    for block in blocks:
+        try:
+            return _assign(p, usable, block, unit)
+        except PlacementError:
+            if block == blocks[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _assign(p: ParallelConfig, usable: list[Node], block: int, unit: str) -> Plan:
+    """Blocks of `block` consecutive ranks, round-robin to the next node with room."""
+    free = {n.id: n.slots for n in usable}
+    order = [n.id for n in usable]
+    used: dict[str, int] = dict.fromkeys(order, 0)
+    ranks: list[RankPlace] = []
+    cursor = 0
+    for start in range(0, p.world_size, block):
+        for i in range(len(order)):
+            node = order[(cursor + i) % len(order)]
+            if free[node] >= block:
+                break
+        else:
+            raise PlacementError(
+                f"no node has {block} free {unit} for ranks {start}-{start + block - 1} (each TP"
+                f"{' x CP' if block > p.tp else ''} group of {block} ranks must share a node); "
+                f"free per node: {', '.join(f'{k}={v}' for k, v in free.items())}"
+            )
+        cursor = (order.index(node) + 1) % len(order)
+        free[node] -= block
+        for rank in range(start, start + block):
+            ranks.append(RankPlace(rank, node, used[node], *coords(rank, p)))
+            used[node] += 1
+    return Plan(ranks, block)
+
+
+def explain(plan: Plan) -> str:
+    """The plan as a table a person can read."""
+    lines = [f"{'rank':>4}  {'node':<20} {'bundle':>6}  {'pp':>2} {'dp':>2} {'cp':>2} {'tp':>2}"]
+    for r in plan.ranks:
+        lines.append(f"{r.rank:>4}  {r.node[:20]:<20} {r.bundle:>6}  {r.pp:>2} {r.dp:>2} {r.cp:>2} {r.tp:>2}")
+    return "\n".join(lines)
