@@ -1,0 +1,105 @@
+// fourfold dashboard: the jobs table at /, a job's live charts at /?job=ID.
+// A bearer token, when the server wants one, comes from ?token=... once and is kept in localStorage.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+if (params.get("token")) localStorage.setItem("fourfold-token", params.get("token"));
+const token = localStorage.getItem("fourfold-token");
+
+async function api(path) {
+  const r = await fetch(path, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  if (!r.ok) throw new Error(`${path}: ${r.status}`);
+  return r.json();
+}
+
+const fmt = (v, digits = 4) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
+const int = (v) => (v === null || v === undefined ? "-" : Math.round(v).toLocaleString());
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+async function showJobs() {
+  const data = await api("/v1/jobs?limit=100");
+  const body = document.querySelector("#jobs tbody");
+  body.replaceChildren();
+  for (const j of data.items) {
+    const tr = document.createElement("tr");
+    const link = document.createElement("a");
+    link.href = `/?job=${j.id}`;
+    link.textContent = j.id.slice(0, 12);
+    const idCell = document.createElement("td");
+    idCell.append(link);
+    tr.append(idCell, cell(j.name), cell(j.state, `state ${j.state}`), cell(`${j.step ?? 0}/${j.steps}`, "num"),
+      cell(fmt(j.loss), "num"), cell(int(j.tokens_per_s), "num"),
+      cell(j.mfu === null ? "-" : `${(100 * j.mfu).toFixed(1)}%`, "num"), cell(j.owner));
+    tr.dataset.state = j.state;
+    body.append(tr);
+  }
+}
+
+const CHARTS = [
+  ["chart-loss", "loss", "loss"],
+  ["chart-tokens", "tokens_per_s", "tokens/s"],
+  ["chart-mfu", "mfu", "MFU"],
+  ["chart-step", "step_time_s", "step time (s)"],
+];
+
+function drawCharts(rows) {
+  for (const [id, key, title] of CHARTS) {
+    const trace = { x: rows.map((m) => m.step), y: rows.map((m) => m[key]), mode: "lines+markers", name: title };
+    Plotly.react(id, [trace], { title: { text: title }, margin: { t: 36, r: 12, b: 36, l: 56 },
+      xaxis: { title: { text: "step" } } }, { displayModeBar: false, responsive: true });
+  }
+  document.body.dataset.points = String(rows.length);
+}
+
+async function showJob(id) {
+  document.getElementById("jobs-view").hidden = true;
+  document.getElementById("job-view").hidden = false;
+  const rows = await api(`/v1/jobs/${id}/metrics`);
+  const seen = new Set(rows.map((m) => m.step));
+  const render = async () => {
+    const j = await api(`/v1/jobs/${id}`);
+    document.getElementById("job-title").textContent = `${j.name} (${j.id})`;
+    document.getElementById("job-summary").innerHTML = "";
+    document.getElementById("job-summary").append(
+      `state `, Object.assign(document.createElement("span"), { className: `state ${j.state}`, textContent: j.state }),
+      ` · step ${j.step ?? 0}/${j.steps} · attempts ${j.attempts}` + (j.failure_reason ? ` · ${j.failure_reason}` : ""));
+    document.body.dataset.state = j.state;
+    return j;
+  };
+  const addEvent = (e) => {
+    const li = document.createElement("li");
+    li.textContent = `${e.time.slice(0, 19)}  ${e.from_state ?? ""} → ${e.to_state ?? e.kind}  ${e.message}`;
+    document.getElementById("events").append(li);
+  };
+  const addLog = (l) => { document.getElementById("logs").textContent += `${l.line}\n`; };
+  drawCharts(rows);
+  const job = await render();
+  if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
+    (await api(`/v1/jobs/${id}/events`)).forEach(addEvent);
+    (await api(`/v1/jobs/${id}/logs`)).forEach(addLog);
+    return;
+  }
+  // Live: the server-sent events stream replays events and logs, then follows new steps.
+  const source = new EventSource(`/v1/jobs/${id}/stream` + (token ? `?access_token=${encodeURIComponent(token)}` : ""));
+  source.addEventListener("metrics", (ev) => {
+    const m = JSON.parse(ev.data);
+    if (!seen.has(m.step)) { seen.add(m.step); rows.push(m); drawCharts(rows); }
+  });
+  source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); });
+  source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
+  source.addEventListener("end", () => { source.close(); render(); });
+}
+
+const jobId = params.get("job");
+if (jobId) {
+  showJob(jobId).catch((err) => { document.getElementById("job-title").textContent = String(err); });
+} else {
+  showJobs().catch((err) => { document.querySelector("#jobs tbody").textContent = String(err); });
+  setInterval(() => showJobs().catch(() => {}), 2000);
+}

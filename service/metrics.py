@@ -1,0 +1,57 @@
+"""Prometheus metrics of the service, in a registry of their own (one per service instance).
+
+Served at `GET /metrics`: jobs by state, queue length, each running job's latest loss,
+tokens/s, MFU and step time, restarts, and the API's request latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.states import JobState
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("fourfold_jobs", "Jobs by state", ["state"], registry=r)
+        self.queue_length = Gauge("fourfold_queue_length", "Jobs waiting in QUEUED", registry=r)
+        self.loss = Gauge("fourfold_job_loss", "Latest training loss", ["job"], registry=r)
+        self.tokens_per_s = Gauge("fourfold_job_tokens_per_second", "Latest throughput", ["job"], registry=r)
+        self.mfu = Gauge("fourfold_job_mfu", "Latest model FLOPs utilisation (0-1)", ["job"], registry=r)
+        self.step_time = Gauge("fourfold_job_step_seconds", "Latest optimizer step time", ["job"], registry=r)
+        self.step = Gauge("fourfold_job_step", "Latest optimizer step", ["job"], registry=r)
+        self.restarts = Counter("fourfold_job_restarts", "Restarts after a failure", ["job"], registry=r)
+        self.recovery = Histogram(
+            "fourfold_recovery_seconds",
+            "Failure detected -> training resumed, per restart",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "fourfold_http_request_seconds", "API request latency", ["method", "route", "status"], registry=r
+        )
+
+    def set_counts(self, counts: dict[JobState, int]) -> None:
+        for state in JobState:
+            self.jobs.labels(state=state.value).set(counts.get(state, 0))
+        self.queue_length.set(counts.get(JobState.QUEUED, 0))
+
+    def observe_step(self, job_id: str, m: dict) -> None:
+        self.loss.labels(job=job_id).set(m["loss"])
+        self.tokens_per_s.labels(job=job_id).set(m["tokens_per_s"])
+        self.mfu.labels(job=job_id).set(m["mfu"])
+        self.step_time.labels(job=job_id).set(m["step_time_s"])
+        self.step.labels(job=job_id).set(m["step"])
+
+    def forget(self, job_id: str) -> None:
+        """A job ended: drop its per-job series so /metrics does not grow without bound."""
+        for gauge in (self.loss, self.tokens_per_s, self.mfu, self.step_time, self.step):
+            with contextlib.suppress(KeyError):
+                gauge.remove(job_id)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

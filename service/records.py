@@ -1,0 +1,95 @@
+"""Detached, read-only pydantic records that `service.store.Store` returns instead of ORM objects.
+
+Each mirrors the columns of one table in `service.models`; build one with
+`JobRecord.model_validate(orm_object)`. Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from service.states import JobState
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UTCTime = Annotated[datetime, AfterValidator(_utc)]
+"""A datetime that is always aware and in UTC (a naive one is taken to be UTC)."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(from_attributes=True, frozen=True)
+
+
+class JobRecord(_Record):
+    id: str
+    name: str
+    owner: str
+    priority: int
+    state: JobState
+    spec: dict[str, Any]
+    created_at: UTCTime
+    updated_at: UTCTime
+    started_at: UTCTime | None = None
+    finished_at: UTCTime | None = None
+    failure_reason: str | None = None
+    attempts: int
+    cancel_requested: bool
+    idempotency_key: str | None = None
+
+
+class AttemptRecord(_Record):
+    id: int
+    job_id: str
+    number: int
+    started_at: UTCTime
+    finished_at: UTCTime | None = None
+    outcome: str | None = None
+    reason: str | None = None
+
+
+class EventRecord(_Record):
+    id: int
+    job_id: str
+    time: UTCTime
+    kind: str
+    from_state: JobState | None = None
+    to_state: JobState | None = None
+    message: str
+
+
+class MetricRecord(_Record):
+    id: int
+    job_id: str
+    step: int
+    time: UTCTime
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    step_time_s: float | None = None
+    peak_mem_bytes: int | None = None
+    attempt: int
+
+
+class CheckpointRecordOut(_Record):
+    id: int
+    job_id: str
+    step: int
+    path: str
+    time: UTCTime
+
+
+class LogRecord(_Record):
+    id: int
+    time: UTCTime
+    line: str

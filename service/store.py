@@ -1,0 +1,317 @@
+"""The job store: the only way the control plane reads or writes its database.
+
+    store = Store("sqlite:///var/fourfold/jobs.db")        # or "postgresql://user@host/fourfold"
+    job, created = store.create_job(spec, owner="ada", name="tiny", idempotency_key="req-1")
+    store.transition(job.id, JobState.STARTING, "placement group ready")
+    number = store.start_attempt(job.id)
+    store.add_metrics(job.id, [{"step": 1, "loss": 5.5}], attempt=number)
+    store.close()
+
+Every method is synchronous and thread-safe: each call runs in its own session and transaction and
+returns detached pydantic records (`service.records`), never ORM objects. The schema is brought up to
+date by Alembic when a `Store` is created. Unknown job ids raise `KeyError`; state changes the state
+machine forbids raise `service.states.InvalidTransition`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Select, and_, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db import make_engine, session_factory, upgrade, writer
+from service.models import Attempt, CheckpointRecord, Event, Job, LogLine, Metric, new_job_id, utcnow
+from service.records import AttemptRecord, CheckpointRecordOut, EventRecord, JobRecord, LogRecord, MetricRecord
+from service.states import ACTIVE, TERMINAL, JobState, check_transition
+
+__all__ = ["AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Store"]
+
+OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "stopped"})
+_FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
+
+
+class Store:
+    """Jobs, attempts, events, metrics, checkpoints and logs in SQLite or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        upgrade(self.engine)
+        self._sessions = session_factory(writer(self.engine))
+        self._read_sessions = session_factory(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """A session inside one writing transaction: committed on success, rolled back on an exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A session inside one read-only transaction (on SQLite it does not take the write lock)."""
+        with self._read_sessions.begin() as session:
+            yield session
+
+    @staticmethod
+    def _locked_job(session: Session, job_id: str) -> Job:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    @staticmethod
+    def _require_job(session: Session, job_id: str) -> None:
+        if session.scalar(select(Job.id).where(Job.id == job_id)) is None:
+            raise KeyError(job_id)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        spec: dict[str, Any],
+        owner: str,
+        name: str,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a new job; returns (job, True), or (existing job, False) for a reused idempotency key."""
+        by_key = select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        if idempotency_key is not None and (existing := self._first(by_key)) is not None:
+            return existing, False
+        now = utcnow()
+        job = Job(id=new_job_id(), name=name, owner=owner, priority=priority, state=JobState.QUEUED.value, spec=spec)
+        job.created_at = job.updated_at = now
+        job.attempts, job.cancel_requested, job.idempotency_key = 0, False, idempotency_key
+        try:
+            with self._tx() as session:
+                session.add(job)
+                session.flush()
+                session.add(Event(job_id=job.id, time=now, kind="state", to_state=job.state, message="submitted"))
+                record = JobRecord.model_validate(job)
+        except IntegrityError:
+            # Another submission with the same key committed between our check and our insert.
+            if idempotency_key is None or (existing := self._first(by_key)) is None:
+                raise
+            return existing, False
+        return record, True
+
+    def _first(self, query: Select[tuple[Job]]) -> JobRecord | None:
+        with self._read() as session:
+            job = session.scalars(query.limit(1)).first()
+            return None if job is None else JobRecord.model_validate(job)
+
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job, or None when there is none (or, with `owner` given, it belongs to someone else)."""
+        query = select(Job).where(Job.id == job_id)
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        return self._first(query)
+
+    def list_jobs(
+        self, owner: str | None = None, state: JobState | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[JobRecord], int]:
+        """One page of jobs, newest first, and the number of jobs matching the filters."""
+        where = []
+        if owner is not None:
+            where.append(Job.owner == owner)
+        if state is not None:
+            where.append(Job.state == JobState(state).value)
+        with self._read() as session:
+            total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+            query = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+            return [JobRecord.model_validate(job) for job in session.scalars(query)], total
+
+    def transition(self, job_id: str, new: JobState, reason: str) -> JobRecord:
+        """Move a job to `new` (checked against the state machine under a row lock) and record the event."""
+        with self._tx() as session:
+            job = self._locked_job(session, job_id)
+            self._apply(session, job, JobState(new), reason)
+            return JobRecord.model_validate(job)
+
+    @staticmethod
+    def _apply(session: Session, job: Job, new: JobState, reason: str) -> None:
+        current = JobState(job.state)
+        check_transition(job.id, current, new)
+        now = utcnow()
+        job.state = new.value
+        job.updated_at = now
+        if new is JobState.RUNNING and job.started_at is None:
+            job.started_at = now
+        if new in TERMINAL:
+            job.finished_at = now
+        if new is JobState.FAILED:
+            job.failure_reason = reason
+        session.add(
+            Event(job_id=job.id, time=now, kind="state", from_state=current.value, to_state=new.value, message=reason)
+        )
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Flag the job for cancellation; a QUEUED job is CANCELLED at once. A no-op on a finished job."""
+        with self._tx() as session:
+            job = self._locked_job(session, job_id)
+            if JobState(job.state) in TERMINAL or job.cancel_requested:
+                return JobRecord.model_validate(job)
+            job.cancel_requested = True
+            job.updated_at = utcnow()
+            session.add(Event(job_id=job.id, time=job.updated_at, kind="cancel", message="cancel requested"))
+            if job.state == JobState.QUEUED:
+                self._apply(session, job, JobState.CANCELLED, "cancelled while queued")
+            return JobRecord.model_validate(job)
+
+    def queued(self, limit: int = 100) -> list[JobRecord]:
+        """QUEUED jobs in scheduling order: highest priority first, then oldest first."""
+        query = (
+            select(Job)
+            .where(Job.state == JobState.QUEUED.value)
+            .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
+            .limit(limit)
+        )
+        with self._read() as session:
+            return [JobRecord.model_validate(job) for job in session.scalars(query)]
+
+    def active(self) -> list[JobRecord]:
+        """Jobs in STARTING, RUNNING or RESTARTING, oldest first."""
+        query = select(Job).where(Job.state.in_([s.value for s in ACTIVE])).order_by(Job.created_at, Job.id)
+        with self._read() as session:
+            return [JobRecord.model_validate(job) for job in session.scalars(query)]
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """Number of jobs in each state; every state is a key."""
+        counts = dict.fromkeys(JobState, 0)
+        with self._read() as session:
+            for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+                counts[JobState(state)] = n
+        return counts
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: str) -> int:
+        """Count one more attempt of the job and return its number (1, 2, ...)."""
+        with self._tx() as session:
+            job = self._locked_job(session, job_id)
+            job.attempts += 1
+            session.add(Attempt(job_id=job_id, number=job.attempts, started_at=utcnow()))
+            return job.attempts
+
+    def finish_attempt(self, job_id: str, number: int, outcome: str, reason: str | None = None) -> None:
+        """Close an attempt with an outcome: succeeded, failed, cancelled or stopped."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"attempt outcome {outcome!r} is not one of {', '.join(sorted(OUTCOMES))}")
+        with self._tx() as session:
+            attempt = session.scalars(
+                select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number).with_for_update()
+            ).first()
+            if attempt is None:
+                raise KeyError(f"{job_id} attempt {number}")
+            attempt.finished_at = utcnow()
+            attempt.outcome = outcome
+            attempt.reason = reason
+
+    def attempts(self, job_id: str) -> list[AttemptRecord]:
+        query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number, Attempt.id)
+        with self._read() as session:
+            return [AttemptRecord.model_validate(a) for a in session.scalars(query)]
+
+    # -- metrics, events, checkpoints, logs ----------------------------------------------------
+
+    def add_metrics(self, job_id: str, rows: list[dict[str, Any]], attempt: int) -> None:
+        """Store the engine's per-step metric dicts; unknown keys are ignored, a repeated (step, attempt) too."""
+        if not rows:
+            return
+        now = utcnow()
+        values = [_metric_values(job_id, row, attempt, now) for row in rows]
+        with self._tx() as session:
+            self._require_job(session, job_id)
+            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+            stmt = insert(Metric).on_conflict_do_nothing(index_elements=["job_id", "step", "attempt"])
+            session.execute(stmt, values)
+
+    def metrics(self, job_id: str, after_step: int = 0, limit: int = 10000) -> list[MetricRecord]:
+        """Metrics of steps after `after_step`, by step; a step logged by several attempts gives the newest."""
+        newest = (
+            select(Metric.step, func.max(Metric.attempt).label("attempt"))
+            .where(Metric.job_id == job_id, Metric.step > after_step)
+            .group_by(Metric.step)
+            .subquery()
+        )
+        query = (
+            select(Metric)
+            .join(newest, and_(Metric.step == newest.c.step, Metric.attempt == newest.c.attempt))
+            .where(Metric.job_id == job_id)
+            .order_by(Metric.step, Metric.attempt)
+            .limit(limit)
+        )
+        with self._read() as session:
+            return [MetricRecord.model_validate(m) for m in session.scalars(query)]
+
+    def latest_metrics(self, job_ids: list[str]) -> dict[str, MetricRecord]:
+        """The newest step's metrics of each job that has any (one query for a page of jobs)."""
+        if not job_ids:
+            return {}
+        newest = (
+            select(Metric.job_id, func.max(Metric.id).label("id"))
+            .where(Metric.job_id.in_(job_ids))
+            .group_by(Metric.job_id)
+            .subquery()
+        )
+        query = select(Metric).join(newest, Metric.id == newest.c.id)
+        with self._read() as session:
+            return {m.job_id: MetricRecord.model_validate(m) for m in session.scalars(query)}
+
+    def add_event(self, job_id: str, kind: str, message: str) -> EventRecord:
+        with self._tx() as session:
+            self._require_job(session, job_id)
+            event = Event(job_id=job_id, time=utcnow(), kind=kind, message=message)
+            session.add(event)
+            session.flush()
+            return EventRecord.model_validate(event)
+
+    def events(self, job_id: str, after_id: int = 0) -> list[EventRecord]:
+        query = select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id)
+        with self._read() as session:
+            return [EventRecord.model_validate(e) for e in session.scalars(query)]
+
+    def add_checkpoint(self, job_id: str, step: int, path: str) -> CheckpointRecordOut:
+        with self._tx() as session:
+            self._require_job(session, job_id)
+            ckpt = CheckpointRecord(job_id=job_id, step=step, path=path, time=utcnow())
+            session.add(ckpt)
+            session.flush()
+            return CheckpointRecordOut.model_validate(ckpt)
+
+    def checkpoints(self, job_id: str) -> list[CheckpointRecordOut]:
+        query = select(CheckpointRecord).where(CheckpointRecord.job_id == job_id)
+        with self._read() as session:
+            rows = session.scalars(query.order_by(CheckpointRecord.step, CheckpointRecord.id))
+            return [CheckpointRecordOut.model_validate(c) for c in rows]
+
+    def append_logs(self, job_id: str, lines: list[str]) -> None:
+        if not lines:
+            return
+        now = utcnow()
+        with self._tx() as session:
+            self._require_job(session, job_id)
+            session.add_all(LogLine(job_id=job_id, time=now, line=line) for line in lines)
+
+    def logs(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[LogRecord]:
+        query = select(LogLine).where(LogLine.job_id == job_id, LogLine.id > after_id).order_by(LogLine.id)
+        with self._read() as session:
+            return [LogRecord.model_validate(line) for line in session.scalars(query.limit(limit))]
+
+
+def _metric_values(job_id: str, row: dict[str, Any], attempt: int, now: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {"job_id": job_id, "step": int(row["step"]), "attempt": int(attempt), "time": now}
+    for key in _FLOAT_METRICS:
+        value = row.get(key)
+        values[key] = None if value is None else float(value)
+    mem = row.get("peak_mem_bytes")
+    values["peak_mem_bytes"] = None if mem is None else int(mem)
+    return values

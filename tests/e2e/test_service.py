@@ -1,0 +1,109 @@
+"""The whole service on a simulated 2-node Ray cluster: REST -> store -> scheduler -> Ray workers.
+
+Four CPU slots in all (two nodes of two). Two-rank jobs: D (long) and A run at once; C waits
+and is cancelled while queued; L (priority 0) then H (priority 10) wait; when A finishes H
+starts first; D is cancelled while running (and saves a checkpoint); then L runs.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from service.settings import Settings
+from service.store import Store
+
+pytestmark = pytest.mark.ray
+NODE_CPUS = 2
+
+
+def _spec(name: str, steps: int, **extra) -> dict:
+    return {
+        "name": name,
+        "model": {"preset": "tiny"},
+        "parallel": {"dp": 2},
+        "train": {"steps": steps, "global_batch": 4, "micro_batch": 2, "seq_len": 32, "warmup_steps": 1},
+        "metrics": {"peak_tflops": 1.0},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=NODE_CPUS)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    tmp = tmp_path_factory.mktemp("svc")
+    store = Store(f"sqlite:///{tmp / 'store.db'}")
+    with TestClient(create_app(Settings(data_dir=tmp, poll_s=0.2), supervise=True, store=store)) as client:
+        yield client
+    store.close()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _wait(api: TestClient, job_id: str, states: set[str], timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job {job['name']} still {job['state']}: {job['failure_reason']}"
+        time.sleep(0.3)
+
+
+def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) -> None:
+    import ray
+
+    submit = lambda spec, prio=0: api.post("/v1/jobs", json={**spec, "priority": prio}).json()["id"]  # noqa: E731
+    d = submit(_spec("long", 400, checkpoint={"dir": str(tmp_path / "ckpt-d"), "every": 1000}))
+    _wait(api, d, {"RUNNING"})
+    a = submit(_spec("short", 3))
+    _wait(api, a, {"STARTING", "RUNNING", "SUCCEEDED"})
+    c = submit(_spec("waits", 3))
+    time.sleep(1)
+    assert api.get(f"/v1/jobs/{c}").json()["state"] == "QUEUED"  # no room: the gang waits whole
+    assert api.post(f"/v1/jobs/{c}/cancel").json()["state"] == "CANCELLED"
+    low = submit(_spec("low", 3), 0)
+    high = submit(_spec("high", 3), 10)
+
+    assert _wait(api, a, {"SUCCEEDED", "FAILED"})["state"] == "SUCCEEDED"
+    _wait(api, high, {"RUNNING", "SUCCEEDED"})
+    assert api.get(f"/v1/jobs/{low}").json()["state"] == "QUEUED"  # submitted first, but lower priority
+
+    api.post(f"/v1/jobs/{d}/cancel")
+    long_job = _wait(api, d, {"CANCELLED", "FAILED"})
+    assert long_job["state"] == "CANCELLED", long_job["failure_reason"]
+    for job_id in (high, low):
+        assert _wait(api, job_id, {"SUCCEEDED", "FAILED"})["state"] == "SUCCEEDED"
+
+    jobs = {j["id"]: j for j in api.get("/v1/jobs", params={"limit": 50}).json()["items"]}
+    assert jobs[high]["started_at"] < jobs[low]["started_at"]
+    for job_id in (a, high, low):
+        steps = [m["step"] for m in api.get(f"/v1/jobs/{job_id}/metrics").json()]
+        assert steps == [1, 2, 3]
+        assert any("loss" in line["line"] for line in api.get(f"/v1/jobs/{job_id}/logs").json())
+    assert jobs[c]["attempts"] == 0
+    stopped_at = api.get(f"/v1/jobs/{d}/metrics").json()[-1]["step"]
+    assert (tmp_path / "ckpt-d" / f"step-{stopped_at:08d}" / "meta.json").exists()  # the cancel lost nothing
+    states = [e["to_state"] for e in api.get(f"/v1/jobs/{d}/events").json() if e["to_state"]]
+    assert states == ["QUEUED", "STARTING", "RUNNING", "CANCELLED"]
+    text = api.get("/metrics").text
+    assert 'fourfold_jobs{state="SUCCEEDED"} 3.0' in text and 'fourfold_jobs{state="CANCELLED"} 2.0' in text
+
+    deadline = time.monotonic() + 30
+    while True:  # nothing of ours left on the cluster
+        actors = [x for x in ray.util.list_named_actors(all_namespaces=True) if x["namespace"] == "fourfold"]
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        if not actors and not groups and ray.available_resources().get("CPU", 0) == 2 * NODE_CPUS:
+            break
+        assert time.monotonic() < deadline, (actors, groups)
+        time.sleep(0.5)

@@ -1,0 +1,41 @@
+"""Restart policy: backoff, elastic dp, the resume spec."""
+
+from parallel.config import RestartConfig, build_config
+from service.recovery import backoff_s, fit, resume_spec
+
+
+def cpus(*per_node: int) -> dict[str, dict[str, float]]:
+    return {f"n{i}": {"CPU": float(c)} for i, c in enumerate(per_node)}
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    r = RestartConfig(backoff_s=10)
+    assert [backoff_s(r, n) for n in (1, 2, 3, 4)] == [10, 20, 40, 80]
+    assert backoff_s(r, 10) == 300
+    assert backoff_s(RestartConfig(backoff_s=0), 5) == 0
+
+
+def test_fit_keeps_dp_when_there_is_room() -> None:
+    cfg = build_config({"parallel": {"dp": 4, "dp_min": 1}, "train": {"global_batch": 8, "micro_batch": 2}})
+    got, plan = fit(cfg, cpus(2, 2))
+    assert got.parallel.dp == 4 and len(plan.ranks) == 4
+
+
+def test_fit_shrinks_dp_to_the_largest_that_fits_and_divides_the_batch() -> None:
+    cfg = build_config({"parallel": {"dp": 4, "dp_min": 1, "tp": 2}, "train": {"global_batch": 8, "micro_batch": 2}})
+    got, plan = fit(cfg, cpus(2, 2, 2))  # 3 TP groups fit, but 8 sequences do not split over dp=3
+    assert (got.parallel.dp, got.parallel.tp, got.train.global_batch, got.grad_accum) == (2, 2, 8, 2)
+    assert len(plan.ranks) == 4
+
+
+def test_fit_respects_dp_min_and_non_elastic_jobs() -> None:
+    elastic = build_config({"parallel": {"dp": 4, "dp_min": 2}, "train": {"global_batch": 8, "micro_batch": 2}})
+    assert fit(elastic, cpus(1)) is None
+    rigid = build_config({"parallel": {"dp": 2}, "train": {"global_batch": 8, "micro_batch": 2}})
+    assert fit(rigid, cpus(1)) is None
+
+
+def test_resume_spec_resumes_from_the_newest_checkpoint_when_there_is_a_dir() -> None:
+    with_dir = build_config({"checkpoint": {"dir": "/tmp/x"}})
+    assert resume_spec(with_dir)["checkpoint"]["resume"] == "auto"
+    assert resume_spec(build_config({}))["checkpoint"]["resume"] is None
