@@ -47,6 +47,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/engine_bench.py --preset debug $(BENCH_ARGS)

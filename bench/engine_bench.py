@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from parallel.config import ModelConfig
 from parallel.flops import achieved_tflops, flops_per_token, mfu, param_count, peak_tflops
+from parallel.model import Transformer
 
 
 def _peak_rss_mib() -> float:
@@ -40,15 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --seq-len and --micro-batch must be positive, --warmup non-negative")
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    try:
-        from parallel.model import Transformer
-    except ImportError as err:
-        print(
-            f"engine_bench: cannot import parallel.model.Transformer ({err}); the model is not available yet",
-            file=sys.stderr,
-        )
-        return 2
 
     cfg = ModelConfig(preset=args.preset)
     batch, seq = args.micro_batch, args.seq_len

@@ -250,7 +250,10 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
         )
     for field in ("vocab_size", "ffn_dim"):
         if getattr(m, field) % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp}: model.{field}={getattr(m, field)} is not divisible by it")
+            value = getattr(m, field)
+            raise ConfigError(
+                f"parallel.tp={p.tp}: model.{field}={value} is not divisible by it; valid tp: {_divisors(value)}"
+            )
     if p.dp % p.dp_replicate:
         raise ConfigError(
             f"parallel.dp_replicate={p.dp_replicate} does not divide parallel.dp={p.dp}; valid: {_divisors(p.dp)}"
@@ -284,7 +287,14 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
 
 def _check_pipeline(cfg: Config) -> None:
     p = cfg.parallel
+    if p.microbatches is not None and p.microbatches != cfg.grad_accum:
+        raise ConfigError(
+            f"parallel.microbatches={p.microbatches} must equal train.global_batch/(dp*micro_batch) = "
+            f"{cfg.grad_accum}: every micro-batch of the step runs; change micro_batch instead (or leave it unset)"
+        )
     if p.pp == 1:
+        if p.pp_virtual != 1:
+            raise ConfigError(f"parallel.pp_virtual={p.pp_virtual} needs parallel.pp > 1 (stages per pipeline rank)")
         return
     if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual != 1:
         raise ConfigError(f"parallel.pp_virtual={p.pp_virtual}: pp_schedule={p.pp_schedule} runs one stage per rank; "
@@ -301,11 +311,6 @@ def _check_pipeline(cfg: Config) -> None:
             f"{cfg.model.n_layers}; each stage needs at least one layer"
         )
     m = p.microbatches or cfg.grad_accum
-    if p.microbatches is not None and p.microbatches != cfg.grad_accum:
-        raise ConfigError(
-            f"parallel.microbatches={p.microbatches} must equal train.global_batch/(dp*micro_batch) = "
-            f"{cfg.grad_accum}: the pipeline runs every micro-batch of the step; change micro_batch instead"
-        )
     least = {"gpipe": 1, "1f1b": p.pp, "interleaved_1f1b": p.pp, "zbv": 2 * p.pp - 1}[p.pp_schedule]
     if m < least:
         raise ConfigError(
@@ -323,10 +328,21 @@ def _format_validation(err: ValidationError) -> str:
     loc = ".".join(str(x) for x in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"{loc}: unknown field"
+        return f"{loc}: unknown field; valid: {', '.join(_known_keys(first['loc'][:-1]))}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{loc}: {msg}{shown}"
+
+
+def _known_keys(section: tuple) -> list[str]:
+    """The keys YAML may use at a location: a section's fields (by alias), or the sections."""
+    model: type[BaseModel] = Config
+    for part in section:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def build_config(data: dict[str, Any], world_size: int | None = None) -> Config:

@@ -52,10 +52,12 @@ CROSS_FIELD_CHECKS = (
     "`train.global_batch` is a multiple of `parallel.dp * train.micro_batch`; the quotient is the number of "
     "gradient-accumulation micro-batches per step.",
     "`train.seq_len` is a multiple of `parallel.tp` (sequence parallelism), and of `2 * cp * tp` when `cp > 1`.",
+    "`parallel.microbatches`, when set, equals the gradient-accumulation count "
+    "`global_batch / (dp * micro_batch)`; `parallel.pp_virtual` is 1 unless `pp > 1`.",
     "With `parallel.pp > 1`: `model.n_layers` is at least `pp * pp_virtual` (one layer per stage); `gpipe` and "
-    "`1f1b` take `pp_virtual: 1`, `interleaved_1f1b` at least 2, `zbv` exactly 2; `parallel.microbatches`, when "
-    "set, equals the gradient-accumulation count, which must be at least `pp` for `1f1b` and `interleaved_1f1b` "
-    "and `2 * pp - 1` for `zbv` (and for `interleaved_1f1b` a multiple of `max(1, microbatches // pp)`).",
+    "`1f1b` take `pp_virtual: 1`, `interleaved_1f1b` at least 2, `zbv` exactly 2; the micro-batch count must "
+    "be at least `pp` for `1f1b` and `interleaved_1f1b` and `2 * pp - 1` for `zbv` (and for `interleaved_1f1b` "
+    "a multiple of `max(1, microbatches // pp)`).",
     "`data.path` is required for `data.source` `text` and `tokens`; the data is opened and checked before any "
     "process group exists.",
     "`dp * tp * pp * cp` equals the number of processes launched.",

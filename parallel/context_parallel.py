@@ -108,9 +108,25 @@ def _scores(q: torch.Tensor, k: torch.Tensor, diagonal: bool) -> torch.Tensor:
     return s
 
 
+def _arrive(transfer: tuple[torch.Tensor, list], action: str) -> torch.Tensor:
+    """Wait for a transfer `Ring.start` posted; its buffer then holds the neighbour's tensor."""
+    buffer, works = transfer
+    with watch("cp", action):
+        for w in works:
+            w.wait()
+    return buffer
+
+
 class _RingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn: RingAttention):  # noqa: ANN001, ANN205 (autograd signature)
+        # The blocks and their log-sum-exp merge run in fp32 whatever the autocast dtype, so the
+        # forward agrees with the fp32 backward below; the output goes back in q's dtype.
+        with torch.autocast(q.device.type, enabled=False):
+            return _RingFn._forward(ctx, q, k, v, attn)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, attn: RingAttention):  # noqa: ANN001, ANN205
         ring, rep = attn.ring, q.shape[1] // k.shape[1]
         n_seg = len(chunk_ids(0, ring.size, attn.zigzag))
         qf = q.float()
@@ -134,12 +150,8 @@ class _RingFn(torch.autograd.Function):
                 lse[qa] = new_lse
                 attn.work += s.shape[-2] * (s.shape[-1] + 1) / 2 if diag else s.shape[-2] * s.shape[-1]
             if pending is not None:
-                recv, works = pending
-                with watch("cp", f"ring attention forward step {step + 1}/{ring.size - 1}: K/V from cp rank "
-                                 f"{(src - 1) % ring.size}"):  # fmt: skip
-                    for w in works:
-                        w.wait()
-                kv = recv
+                kv = _arrive(pending, f"ring attention forward step {step + 1}/{ring.size - 1}: K/V from cp rank "
+                                      f"{(src - 1) % ring.size}")  # fmt: skip
         out_t, lse_t = torch.cat(out, dim=2), torch.cat(lse, dim=2)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
         ctx.attn = attn
@@ -158,7 +170,9 @@ class _RingFn(torch.autograd.Function):
         dq = [torch.zeros_like(s) for s in qs]
         scale = 1 / math.sqrt(q.shape[-1])
         kv = torch.stack([k, v]).float()
-        dkv = torch.zeros_like(kv)  # gradient of the block in hand, travelling with it
+        # dK/dV of a block travel with it: the sum for the block in hand arrives from the previous
+        # rank while this step computes, and after the last step each sum is back with its owner.
+        incoming = None  # (buffer, works) of the sum for the block in hand; none at step 0 (our own)
         for step in range(ring.size):
             src = (ring.rank - step) % ring.size
             pending = ring.start(kv) if step < ring.size - 1 else None
@@ -172,16 +186,16 @@ class _RingFn(torch.autograd.Function):
                 ds = p * (dos[qa] @ vs[kb].transpose(-1, -2) - deltas[qa][..., None])
                 dq[qa] += (ds @ ks[kb]) * scale
                 dks[kb] += (ds.transpose(-1, -2) @ qs[qa]) * scale
-            dkv = dkv + torch.stack([_fold(torch.cat(dks, 2), rep), _fold(torch.cat(dvs, 2), rep)])
-            # dK/dV move one hop with their block; after the last step they are home.
-            recv_dkv, dworks = ring.start(dkv)
-            with watch("cp", f"ring attention backward step {step + 1}/{ring.size}: dK/dV from cp rank "
-                             f"{(ring.rank - 1) % ring.size}"):  # fmt: skip
-                for w in dworks + (pending[1] if pending is not None else []):
-                    w.wait()
-            dkv = recv_dkv
+            dkv = torch.stack([_fold(torch.cat(dks, 2), rep), _fold(torch.cat(dvs, 2), rep)])
+            if incoming is not None:
+                dkv += _arrive(incoming, f"ring attention backward step {step}/{ring.size}: dK/dV from cp rank "
+                                         f"{(ring.rank - 1) % ring.size}")  # fmt: skip
+            incoming = ring.start(dkv)  # one hop on, with its block
             if pending is not None:
-                kv = pending[0]
+                kv = _arrive(pending, f"ring attention backward step {step + 1}/{ring.size}: K/V from cp rank "
+                                      f"{(src - 1) % ring.size}")  # fmt: skip
+        dkv = _arrive(incoming, f"ring attention backward step {ring.size}/{ring.size}: dK/dV from cp rank "
+                                f"{(ring.rank - 1) % ring.size}")  # fmt: skip
         dk, dv = dkv[0].to(k.dtype), dkv[1].to(v.dtype)
         return torch.cat(dq, dim=2).to(q.dtype), dk, dv, None
 

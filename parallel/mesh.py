@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.config import ParallelConfig
@@ -49,7 +50,20 @@ class Layout:
     @classmethod
     def build(cls, cfg: ParallelConfig, device: torch.device) -> Layout:
         shape = (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.cp, cfg.tp)
-        return cls(init_device_mesh(device.type, shape, mesh_dim_names=AXES), cfg)
+        # Every axis's group gets parallel.timeout_s: without options, torch creates the
+        # sub-groups (any axis smaller than the world) with its own default (30 min on gloo).
+        backend = dist.get_backend()
+        options = C10dBackend.Options(backend, timeout=timedelta(seconds=cfg.timeout_s))
+        override = {axis: (backend, options) for axis, n in zip(AXES, shape, strict=True) if n > 1}
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=AXES, backend_override=override or None)
+        return cls(mesh, cfg)
+
+    def timeout(self, axis: str) -> timedelta | None:
+        """The timeout of the axis's process group (what a stalled peer costs), None for a one-rank axis."""
+        group = self.group(axis)
+        if group is None:
+            return None
+        return group._get_backend(torch.device(self.mesh.device_type)).options._timeout
 
     def size(self, axis: str) -> int:
         return self.mesh[axis].size()

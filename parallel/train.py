@@ -43,8 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The module each launched rank runs (a test wraps this one and points it at the wrapper).
+LAUNCH_MODULE = "parallel.train"
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Start `args.nproc_per_node` ranks on this machine with torch's own launcher (torchrun)."""
+    """Start `args.nproc_per_node` ranks on this machine with torch's own launcher (torchrun).
+
+    The ranks print their own one-line errors; a failed rank's exit code becomes ours,
+    without torchrun's traceback on top."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     rest, skip = [], False
@@ -55,7 +63,12 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             skip = True
         elif not item.startswith("--nproc-per-node="):
             rest.append(item)
-    torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "parallel.train", *rest])
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", LAUNCH_MODULE, *rest])
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"fourfold: rank {rank} exited with code {failure.exitcode}", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 
 
@@ -72,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         if args.resume:
             cfg.checkpoint.resume = args.resume
-        from parallel.checkpoint import resolve_resume
+        from parallel.checkpoint import check_storage, resolve_resume
         from parallel.hf import check_hf_dir
 
         if cfg.model.init_from:
             check_hf_dir(cfg.model.init_from, cfg.model)
+        if cfg.checkpoint.dir and int(os.environ.get("RANK", 0)) == 0:
+            check_storage(cfg.checkpoint.dir)
         resolve_resume(cfg, None)
     except ConfigError as err:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from parallel.checkpoint import CheckpointError
     from parallel.comms import CommTimeout
     from parallel.trainer import Trainer
 
@@ -103,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommTimeout as err:  # a peer stopped answering: say who waited on what, not a traceback
         print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
         return 3
+    except CheckpointError as err:  # e.g. the disk filled up; every rank raises it, rank 0 says it
+        if trainer.rank == 0:
+            print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
         if dist.is_initialized():

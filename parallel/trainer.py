@@ -32,7 +32,7 @@ from parallel.config import Config, TrainConfig
 from parallel.context_parallel import apply_cp, shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
 from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
-from parallel.flops import flops_per_token, peak_tflops
+from parallel.flops import achieved_tflops, flops_per_token, peak_tflops
 from parallel.hf import load_hf
 from parallel.mesh import Layout, init_distributed
 from parallel.model import Transformer
@@ -60,6 +60,19 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run the model's forward (only the forward) under autocast: matmuls in `dtype`, weights and
+    optimizer in fp32. Set on the module itself so pipeline stages, which call it from the
+    schedule, get it too; backward then follows the dtypes the forward used."""
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
 
 
 class Trainer:
@@ -99,6 +112,8 @@ class Trainer:
             if p.cp > 1:
                 apply_cp(model, self.layout.group("cp"), seq_len, p.cp_mode)
             apply_ac(model, p.activation_checkpointing)
+            if self.dtype != torch.float32:
+                autocast_forward(model, self.device.type, self.dtype)
         self.parts = parts
         self.optimizer = self._build_optimizer()
         self.pipeline = None
@@ -169,8 +184,7 @@ class Trainer:
         axes = "/".join(a for a, on in (("tp", p.tp > 1), ("dp_shard", p.zero == 3), ("cp", p.cp > 1)) if on)
         for i, (inputs, labels) in enumerate(batches):
             with loss_context(p.tp), watch(axes or "none", f"forward/backward of micro-batch {i}"):
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                    logits = model(inputs)
+                logits = model(inputs)
                 loss = self._loss_fn(logits, labels) / len(batches)
                 loss.backward()
             total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
@@ -200,7 +214,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t0
         tokens_per_s = self.cfg.train.global_batch * self.cfg.train.seq_len / step_time
-        tflops = self.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12
+        tflops = achieved_tflops(tokens_per_s, self.flops_per_token, dist.get_world_size())
         return {
             "step": self.step,
             "loss": loss_value,

@@ -6,6 +6,7 @@ saves the per-step metrics and the full (gathered) weights for the test to compa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -17,8 +18,14 @@ import torch.multiprocessing as mp
 BASE: dict[str, Any] = {
     "model": {"preset": "tiny"},
     "train": {
-        "steps": 5, "global_batch": 8, "micro_batch": 2, "seq_len": 32, "lr": 1e-3,
-        "warmup_steps": 1, "seed": 0, "grad_clip": 1.0,
+        "steps": 5,
+        "global_batch": 8,
+        "micro_batch": 2,
+        "seq_len": 32,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "seed": 0,
+        "grad_clip": 1.0,
         # AdamW divides by sqrt(v) + eps: for a gradient element that is ~0 up to rounding, the
         # default 1e-8 turns rounding noise (different summation order under TP) into an update
         # of up to lr (seen: one element of 12,288 off by 1.4e-5 on an AMD EPYC). 1e-6 damps
@@ -52,26 +59,30 @@ def _worker(
     rank: int, world: int, port: int, overrides: list[str], out: str, extra: str | None, stop_after: int | None
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    import copy
+
     import torch.distributed as dist
 
     from parallel.config import apply_overrides, build_config
     from parallel.trainer import Trainer
-
-    import copy
 
     cfg = build_config(apply_overrides(copy.deepcopy(BASE), overrides), world_size=world)
     stop = _stop_after(stop_after) if stop_after else None
     trainer = Trainer(cfg)
     initial = trainer.full_state_dict() if extra == "initial" else None  # the weights before step 1
     history: list[dict] = []
-    try:
+    # _Stop: an interruption after a step (and its checkpoint), as a killed job would see it
+    with contextlib.suppress(_Stop):
         trainer.run(on_step=lambda m: (history.append(m), stop and stop(m)))
-    except _Stop:  # an interruption after a step (and its checkpoint), as a killed job would see
-        pass
     result: dict[str, Any] = {"history": history, "weights": trainer.full_state_dict(), "initial": initial}
     if extra == "memory":
         from parallel.data_parallel import memory_breakdown
@@ -102,7 +113,7 @@ def compare(ref: dict[str, Any], got: dict[str, Any], loss_rtol: float = 1e-4, w
     ref_losses = [m["loss"] for m in ref["history"]]
     got_losses = [m["loss"] for m in got["history"]]
     assert len(ref_losses) == len(got_losses)
-    for step, (a, b) in enumerate(zip(ref_losses, got_losses), start=1):
+    for step, (a, b) in enumerate(zip(ref_losses, got_losses, strict=True), start=1):
         assert abs(a - b) <= loss_rtol * abs(a), f"step {step}: loss {b} vs single-process {a}"
     assert ref["weights"].keys() == got["weights"].keys()
     for name, w in ref["weights"].items():
@@ -116,9 +127,9 @@ def _call(rank: int, world: int, port: int, fn: Any, args: tuple, out: str, time
         LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
     )  # fmt: skip
     torch.set_num_threads(1)
-    import torch.distributed as dist
-
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     try:

@@ -95,8 +95,11 @@ def _train(*sets: str, resume: str | None = None) -> subprocess.CompletedProcess
 @pytest.mark.parametrize(
     ("sets", "resume", "message"),
     [
-        (["model.preset=debug", "model.init_from={hf}"], None,
-         "model.init_from={hf}: hidden_size is 64 there but model.dim is 256"),
+        (
+            ["model.preset=debug", "model.init_from={hf}"],
+            None,
+            "model.init_from={hf}: hidden_size is 64 there but model.dim is 256",
+        ),
         (["model.init_from={ckpt}"], None, "model.init_from={ckpt}: no config.json there"),
         (["model.preset=debug"], "{ckpt}/step-00000003", "model.dim saved 64, requested 256"),
         ([], "{ckpt}/step-00000009", "checkpoint {ckpt}/step-00000009: does not exist"),

@@ -36,11 +36,22 @@ def _stall(rank: int, world: int, overrides: list[str], stalled_rank: int) -> st
 @pytest.mark.parametrize(
     ("overrides", "world", "expected"),
     [
-        (["parallel.pp=2"], 2, ("rank 0 timed out on mesh axis 'pp' while pipeline stage 0: ", "micro-batch")),
-        (["parallel.cp=2"], 2, ("rank 0 timed out on mesh axis 'cp' while ring attention forward step 1/1: K/V from cp rank 1",)),
+        (
+            ["parallel.pp=2"],
+            2,
+            ("rank 0 timed out on mesh axis 'pp' while pipeline stage 0: ", "micro-batch", "stage 1"),
+        ),
+        (
+            ["parallel.cp=2"],
+            2,
+            ("rank 0 timed out on mesh axis 'cp' while ring attention forward step 1/1: K/V from cp rank 1",),
+        ),
         (["parallel.dp=2"], 2, ("rank 0 timed out on mesh axis 'dp' while all-reduce of gradients",)),
+        # Every axis is smaller than the world: their groups must get timeout_s too (torch's own
+        # default for sub-groups is 30 minutes).
+        (["parallel.dp=2", "parallel.tp=2"], 4, ("rank 0 timed out on mesh axis 'dp' while all-reduce of gradients",)),
     ],
-    ids=["pp", "cp", "dp"],
+    ids=["pp", "cp", "dp", "dp2-tp2"],
 )
 def test_stalled_rank_is_named(overrides: list[str], world: int, expected: tuple[str, ...], tmp_path: Path) -> None:
     overrides = [*overrides, f"parallel.timeout_s={TIMEOUT_S}"]

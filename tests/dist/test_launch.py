@@ -9,7 +9,18 @@ import pytest
 
 pytestmark = pytest.mark.dist
 
-FIELDS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s", "peak_mem_bytes", "ckpt_block_s"}
+FIELDS = {
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "tflops",
+    "mfu",
+    "step_time_s",
+    "peak_mem_bytes",
+    "ckpt_block_s",
+}
 
 
 def test_two_ranks_on_stdlib_text_write_metrics(tmp_path: Path) -> None:
@@ -37,3 +48,16 @@ def test_torchrun_bad_config_refused_before_start(tmp_path: Path) -> None:
         "fourfold: config error: parallel: dp*tp*pp*cp = 1*4*1*1 = 4 but the world size is 2; "
         "make the product equal 2 or launch 4 processes"
     ]
+
+
+def test_a_stalled_rank_ends_the_command_with_one_line_and_exit_3(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "tests.dist.stall_train", "--nproc-per-node", "2", "--config", "examples/tiny.yaml",
+        "--set", "parallel.dp=2", "--set", "train.steps=3", "--set", "parallel.timeout_s=3",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("fourfold:")]
+    assert ours[0].startswith("fourfold: error: rank 0 timed out on mesh axis 'dp' while all-reduce of gradients")
+    assert ours[-1] == "fourfold: rank 0 exited with code 3"
+    assert "Traceback" not in proc.stderr

@@ -28,7 +28,7 @@ def test_zero_memory_matches_formula(zero: int, tmp_path: Path) -> None:
     overrides = [f"parallel.dp={N}", f"parallel.zero={zero}", "train.steps=1"]
     result = run_layout(N, overrides, tmp_path, extra="memory")
     P = param_count(ModelConfig(preset="tiny")) * 4
-    want = dict(zip(("params", "grads", "optimizer"), (f * P for f in EXPECTED[zero])))
+    want = dict(zip(("params", "grads", "optimizer"), (f * P for f in EXPECTED[zero]), strict=True))
     for rank, held in enumerate(result["memory_all"]):
         for kind, expected in want.items():
             assert abs(held[kind] - expected) <= 0.02 * expected, (

@@ -21,7 +21,10 @@ LAYOUTS = {
     "tp4": (4, ["parallel.tp=4"]),
     "dp2-tp2-zero1": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=1"]),
     "dp2-tp2-zero3": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"]),
+    "dp2-tp2-zero2": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=2"]),
     "dp4-hsdp2-zero3": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=3"]),
+    # HSDP with our own ZeRO-1: shards over dp_shard, all-reduces the shards over dp_replicate.
+    "dp4-hsdp2-zero1": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=1"]),
     # 2 micro-batches of accumulation per rank; stage 2 reduce-scatters after each.
     "dp2-accum2-zero0": (2, ["parallel.dp=2", "train.micro_batch=2"]),
     "dp2-accum2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", "train.micro_batch=2"]),

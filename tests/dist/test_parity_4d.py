@@ -20,6 +20,7 @@ LAYOUTS = {
     "cp4-ring": (4, ["parallel.cp=4"]),
     "cp2-tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     "pp2-dp2-zero1": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.zero=1"]),
+    "pp2-dp2-zero3": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.zero=3"]),
     "pp2-tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
     "dp2-pp2-tp2": (8, ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.zero=1"]),
     "dp2-cp2-pp2": (8, ["parallel.dp=2", "parallel.cp=2", "parallel.pp=2", "parallel.zero=1"]),

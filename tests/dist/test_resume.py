@@ -34,9 +34,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return run_layout(1, TEN, tmp_path_factory.mktemp("ref"))
 
 
-@pytest.mark.parametrize(
-    ("world", "layout"), [(1, []), (4, DP2_TP2)], ids=["one-process", "dp2-tp2"]
-)
+@pytest.mark.parametrize(("world", "layout"), [(1, []), (4, DP2_TP2)], ids=["one-process", "dp2-tp2"])
 def test_same_layout_resume_is_exact(world: int, layout: list[str], uninterrupted: dict, tmp_path: Path) -> None:
     ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=5"]
     run_layout(world, [*TEN, *layout, *ckpt], tmp_path, stop_after=5)
