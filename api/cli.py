@@ -87,7 +87,10 @@ def ckpt_export(
         weights, cfg = load_full_weights(path)
     except CheckpointError as err:
         raise _fail(str(err)) from None
-    out = export_hf(weights, cfg.model, hf)
+    try:
+        out = export_hf(weights, cfg.model, hf)
+    except OSError as err:
+        raise _fail(f"--hf {hf}: cannot write there ({err.strerror or err})") from None
     n = sum(w.numel() for w in weights.values())
     typer.echo(f"exported {path} ({n:,} parameters) to {out}")
 

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"preset": args.preset},
         "train": {"steps": 1, "global_batch": 2, "micro_batch": 2, "seq_len": 64},
         "data": {"source": "synthetic"},
-        "checkpoint": {"dir": str(ckpt_dir), "keep_last": 1},
+        # Keep every save, so the timings hold writing and committing only (no retention deletes).
+        "checkpoint": {"dir": str(ckpt_dir), "keep_last": 2 * args.repeats + 1},
     }
     trainer = Trainer(build_config(spec, world_size=1))
     trainer.train_step()

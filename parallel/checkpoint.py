@@ -6,11 +6,17 @@ Layout under `checkpoint.dir` (a local path or any fsspec URL):
     step-00000012.tmp/       being written (or left by a crash): never resumed from
 
 A checkpoint is written under `step-N.tmp`, renamed to `step-N` once every rank
-has written its shards, and only then gets `meta.json` (step, time, layout, data
-position, the job's config). `meta.json` is the commit marker: a directory
+has written its shards (DCP's `.metadata` is there), and only then gets
+`meta.json` (step, time, layout, data position, the job's config), itself written
+beside it and renamed into place. `meta.json` is the commit marker: a directory
 without it is incomplete and ignored, so a process killed at any moment leaves
-nothing that resume would pick up. Retention removes `meta.json` first, then the
-files, so a half-deleted checkpoint is never mistaken for a complete one.
+nothing that resume would pick up. Deleting (retention, or replacing a step that
+is saved again) removes `meta.json` first, then the files, so a half-deleted
+checkpoint is never mistaken for a complete one.
+
+A job resumed from an older checkpoint starts a new timeline: the newer checkpoints
+of the old one are renamed `abandoned-step-N` at the first save (kept for the user,
+never resumed from), so `resume: auto` cannot jump back onto the abandoned path.
 
 What is saved is layout-independent: every parameter and its AdamW states under
 the parameter's whole-model name, as DTensors (or whole tensors) that DCP
@@ -59,7 +65,13 @@ class CheckpointInfo:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
+    """The filesystem of a local path or fsspec URL, and the path within it."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as err:  # e.g. s3:// without s3fs installed
+        raise CheckpointError(f"checkpoint.dir={url}: {err}") from None
+    except ValueError as err:  # an unknown protocol
+        raise CheckpointError(f"checkpoint.dir={url}: {err}") from None
     return fs, path.rstrip("/")
 
 
@@ -69,6 +81,56 @@ def _join(root: str, name: str) -> str:
 
 def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def _writer(url: str) -> FileSystemWriter | FsspecWriter:
+    # DCP's own writer for local paths (a file:// URL is stripped to its path), fsspec's otherwise.
+    return FileSystemWriter(_fs(url)[1]) if _is_local(url) else FsspecWriter(url)
+
+
+def _reader(url: str) -> FileSystemReader | FsspecReader:
+    return FileSystemReader(_fs(url)[1]) if _is_local(url) else FsspecReader(url)
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """A JSON object from a file, or None if it cannot be read or is not one."""
+    try:
+        data = json.loads(fs.cat_file(path))
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _delete(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove a checkpoint directory: its commit marker first, so that a crash half way
+    leaves an incomplete directory, never a complete-looking one with files missing."""
+    if fs.exists(_join(path, META)):
+        fs.rm(_join(path, META))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_storage(url: str) -> None:
+    """Refuse (CheckpointError) a checkpoint.dir that cannot be written, before any process group:
+    a filesystem package missing, a read-only place, a path under a file."""
+    fs, path = _fs(url)
+    probe = _join(path, f".fourfold-probe-{time.time_ns()}")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except (OSError, ValueError, PermissionError) as err:
+        raise CheckpointError(f"checkpoint.dir={url}: cannot write there ({err})") from None
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int | None) -> set[int]:
+    """The complete checkpoints' steps that retention keeps: the newest keep_last, and every
+    multiple of keep_every (milestones)."""
+    done = sorted(steps)
+    keep = set(done[-keep_last:]) if keep_last > 0 else set()
+    if keep_every:
+        keep |= {s for s in done if s % keep_every == 0}
+    return keep
 
 
 def list_checkpoints(root: str) -> list[CheckpointInfo]:
@@ -83,9 +145,10 @@ def list_checkpoints(root: str) -> list[CheckpointInfo]:
         if not match or entry["type"] != "directory":
             continue
         path = _join(root, name)
-        meta_path = _join(entry["name"], META)
-        complete = not name.endswith(".tmp") and fs.exists(meta_path)
-        meta = json.loads(fs.cat_file(meta_path)) if complete else {}
+        meta = None if name.endswith(".tmp") else _read_json(fs, _join(entry["name"], META))
+        # Complete: committed (meta.json readable, as the commit writes it whole) with DCP's index.
+        complete = meta is not None and fs.exists(_join(entry["name"], ".metadata"))
+        meta = meta if complete else {}
         size = sum(f["size"] for f in fs.find(entry["name"], detail=True).values())
         out.append(CheckpointInfo(int(match.group(1)), path, complete, meta, size))
     return sorted(out, key=lambda c: (c.step, c.complete))
@@ -113,10 +176,10 @@ def read_meta(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: incomplete (no {META}; it was never committed)")
     if not fs.exists(_join(base, ".metadata")):
         raise CheckpointError(f"checkpoint {path}: corrupt (DCP .metadata is missing)")
-    try:
-        return json.loads(fs.cat_file(_join(base, META)))
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path}: corrupt {META} ({err})") from None
+    meta = _read_json(fs, _join(base, META))
+    if meta is None or not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path}: corrupt {META} (not a JSON object with step and config)")
+    return meta
 
 
 def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, dict[str, Any] | None]:
@@ -126,11 +189,11 @@ def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, dict[st
         return None, None
     if resume == "auto" and not cfg.checkpoint.dir:
         raise CheckpointError("resume=auto needs checkpoint.dir to look in")
-    path = latest_complete(cfg.checkpoint.dir) if resume == "auto" else resume
+    path = latest_complete(cfg.checkpoint.dir) if resume == "auto" else pick(resume)
     if path is None:
         return None, None
     meta = read_meta(path)
-    saved = meta["config"]["model"]
+    saved = meta["config"].get("model", {})
     for field in SHAPE_FIELDS:
         if saved.get(field) != getattr(cfg.model, field):
             raise CheckpointError(
@@ -147,7 +210,7 @@ def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], Config]:
     with torch.device("meta"):
         shapes = Transformer(cfg.model, max_seq_len=cfg.train.seq_len).state_dict()
     weights = {name: torch.empty(t.shape, dtype=torch.float32) for name, t in shapes.items()}
-    reader = FileSystemReader(path) if _is_local(path) else FsspecReader(path)
+    reader = _reader(path)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
@@ -160,6 +223,19 @@ def load_full_weights(path: str) -> tuple[dict[str, torch.Tensor], Config]:
 def _last_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[-1][:300] if text else type(err).__name__
+
+
+def _prepare(tmp: str) -> None:
+    fs, path = _fs(tmp)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # left by a crash at this very step
+    fs.makedirs(path, exist_ok=True)
+
+
+def _publish(fs: fsspec.AbstractFileSystem, path: str, meta: dict[str, Any]) -> None:
+    """The commit: meta.json written beside its place, then renamed into it (one atomic step)."""
+    fs.pipe_file(_join(path, META + ".tmp"), json.dumps(meta, indent=1).encode())
+    fs.mv(_join(path, META + ".tmp"), _join(path, META))
 
 
 def _strip(name: str) -> str:
@@ -178,6 +254,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")
         self.poll_group = dist.new_group(backend="gloo")
         self.pending: tuple[Future, int, dict[str, Any]] | None = None
+        self.saved_step: int | None = None  # the newest step this run committed
 
     def _state(self) -> dict[str, Any]:
         states = self.optimizer.export_states()
@@ -189,25 +266,28 @@ class Checkpointer:
 
     # -- saving --------------------------------------------------------------------
     def save(self, step: int, extra: dict[str, Any], wait: bool = False) -> float:
-        """Write step `step`; returns the seconds training was blocked."""
+        """Write step `step` (a no-op if that step is saved already); returns the seconds training
+        was blocked. A failure to write raises CheckpointError on every rank."""
         start = time.perf_counter()
+        if step in (self.saved_step, self.pending[1] if self.pending else None):
+            if wait:
+                self.finish()
+            return time.perf_counter() - start
         self.finish()  # one save in flight at a time
-        root = self.cfg.checkpoint.dir
-        tmp = _join(root, f"step-{step:08d}.tmp")
-        if self.rank == 0:
-            fs, path = _fs(tmp)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)  # left by a crash at this very step
-            fs.makedirs(path, exist_ok=True)
-        dist.barrier(group=self.group)
-        writer = FileSystemWriter(tmp) if _is_local(tmp) else FsspecWriter(tmp)
+        tmp = _join(self.cfg.checkpoint.dir, f"step-{step:08d}.tmp")
+        self._on_rank0(f"cannot prepare {tmp}", lambda: _prepare(tmp))
         meta = {"step": step, **extra}
-        if self.cfg.checkpoint.async_ and not wait:
-            future = dcp.async_save(self._state(), storage_writer=writer, process_group=self.group)
-            self.pending = (future, step, meta)
-        else:
-            dcp.save(self._state(), storage_writer=writer, process_group=self.group)
-            self._commit(step, meta)
+        try:
+            if self.cfg.checkpoint.async_ and not wait:
+                future = dcp.async_save(self._state(), storage_writer=_writer(tmp), process_group=self.group)
+                self.pending = (future, step, meta)
+            else:
+                dcp.save(self._state(), storage_writer=_writer(tmp), process_group=self.group)
+                self._commit(step, meta)
+        except (Exception, CheckpointException) as err:  # DCP's wrapper is a BaseException
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"checkpoint {tmp}: writing failed ({_last_line(err)})") from err
         return time.perf_counter() - start
 
     def finish(self) -> None:
@@ -216,7 +296,10 @@ class Checkpointer:
             return
         future, step, meta = self.pending
         self.pending = None
-        future.result()
+        try:
+            future.result()
+        except (Exception, CheckpointException) as err:
+            raise CheckpointError(f"checkpoint of step {step}: writing failed ({_last_line(err)})") from err
         self._commit(step, meta)
 
     def poll(self) -> None:
@@ -227,38 +310,53 @@ class Checkpointer:
             if done.item() == 1.0:
                 self.finish()
 
+    def _on_rank0(self, what: str, fn: Any) -> None:
+        """Run fn on rank 0 only (the storage work of a save); every rank learns whether it
+        worked, so a failure there ends every rank the same way instead of leaving them waiting."""
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except (OSError, ValueError, CheckpointError) as err:
+                error = f"{what} ({err})"
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        if box[0] is not None:
+            raise CheckpointError(f"checkpoint: {box[0]}")
+
     def _commit(self, step: int, meta: dict[str, Any]) -> None:
         # DCP's coordinator writes .metadata only after gathering every rank's write
         # results, so once save returns on rank 0 every shard is on storage.
-        if self.rank == 0:
-            root = self.cfg.checkpoint.dir
-            tmp, final = _join(root, f"step-{step:08d}.tmp"), _join(root, f"step-{step:08d}")
-            fs, tmp_path = _fs(tmp)
-            _, final_path = _fs(final)
-            if fs.exists(final_path):
-                fs.rm(final_path, recursive=True)
-            fs.mv(tmp_path, final_path, recursive=True)
-            meta = {**meta, "time": time.time()}
-            fs.pipe_file(_join(final_path, META), json.dumps(meta, indent=1).encode())  # the commit
-            self._retain()
-        dist.barrier(group=self.group)
+        root = self.cfg.checkpoint.dir
 
-    def _retain(self) -> None:
+        def commit() -> None:
+            fs, tmp = _fs(_join(root, f"step-{step:08d}.tmp"))
+            _, final = _fs(_join(root, f"step-{step:08d}"))
+            if not fs.exists(_join(tmp, ".metadata")):
+                raise CheckpointError(f"{tmp} has no DCP .metadata after the save; it is not committed")
+            if fs.exists(final):  # this step saved again, after resuming from an older one
+                _delete(fs, final)
+            fs.mv(tmp, final, recursive=True)
+            _publish(fs, final, {**meta, "time": time.time()})
+            self._retain(step)
+
+        self._on_rank0(f"cannot commit step {step}", commit)
+        self.saved_step = step
+
+    def _retain(self, saved: int) -> None:
         c = self.cfg.checkpoint
+        fs, base = _fs(c.dir)
         found = list_checkpoints(c.dir)
-        done = [x for x in found if x.complete]
-        keep = {x.step for x in done[-c.keep_last :]}
-        if c.keep_every:
-            keep |= {x.step for x in done if x.step % c.keep_every == 0}
-        newest = done[-1].step if done else -1
-        fs, _ = _fs(c.dir)
         for x in found:
-            stale = not x.complete and x.step < newest  # crash leftovers
+            if x.complete and x.step > saved:  # an abandoned timeline's: keep it, out of resume's way
+                name = x.path.rstrip("/").rsplit("/", 1)[-1]
+                fs.mv(_fs(x.path)[1], _join(base, f"abandoned-{name}-{time.time_ns()}"), recursive=True)
+        found = [x for x in found if x.step <= saved]
+        keep = retained([x.step for x in found if x.complete], c.keep_last, c.keep_every)
+        for x in found:
+            stale = not x.complete and x.step < saved  # crash leftovers
             if (x.complete and x.step not in keep) or stale:
-                _, path = _fs(x.path)
-                if fs.exists(_join(path, META)):
-                    fs.rm(_join(path, META))  # forget it as a checkpoint first...
-                fs.rm(path, recursive=True)  # ...then free its files
+                _delete(fs, _fs(x.path)[1])
 
     # -- loading -------------------------------------------------------------------
     def load(self, path: str) -> None:
@@ -266,12 +364,17 @@ class Checkpointer:
         meta = read_meta(path)
         template = {n: {k: torch.zeros_like(p) for k in STATE_KEYS} for n, p in self.named}
         state = {"model": dict(self.named), "optim": template, "rng": {"torch": torch.get_rng_state()}}
-        reader = FileSystemReader(path) if _is_local(path) else FsspecReader(path)
         try:
             with torch.no_grad():
-                dcp.load(state, storage_reader=reader, process_group=self.group)
+                dcp.load(state, storage_reader=_reader(path), process_group=self.group)
         except (Exception, CheckpointException) as err:  # per-rank failures, wrapped; keep it short
-            why = f"a shard is damaged or unreadable ({_last_line(err)})"
+            text = _last_line(err)
+            missing = re.search(r"Missing key in checkpoint state_dict: (\S+)", str(err))
+            why = (
+                f"it holds no {missing.group(1).rstrip('.')} (saved by another model or version)"
+                if missing
+                else f"a shard is damaged or unreadable ({text})"
+            )
             raise CheckpointError(f"checkpoint {path}: cannot be loaded, {why}") from err
         by_id = {id(p): template[n] for n, p in self.named}
         self.optimizer.import_states(by_id, meta["step"])

@@ -125,6 +125,8 @@ def check_hf_dir(path: str, cfg: ModelConfig) -> None:
         saved = json.loads((root / "config.json").read_text())
     except ValueError as err:
         raise ConfigError(f"model.init_from={path}: config.json is not JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"model.init_from={path}: config.json is not a JSON object")
     for hf, ours in _CONFIG_KEYS.items():
         want = getattr(cfg, ours)
         if saved.get(hf, want if hf == "num_key_value_heads" else None) != want:
@@ -132,6 +134,14 @@ def check_hf_dir(path: str, cfg: ModelConfig) -> None:
                 f"model.init_from={path}: {hf} is {saved.get(hf)} there but model.{ours} is {want}; "
                 "set the model's dimensions to match"
             )
+    # What changes the numbers without changing any shape: a mismatch would load silently and be wrong.
+    same = {"rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "head_dim": cfg.head_dim}
+    ours = {"rope_theta": "model.rope_theta", "rms_norm_eps": "model.norm_eps", "head_dim": "model.dim/n_heads"}
+    for hf, want in same.items():
+        if hf in saved and saved[hf] is not None and float(saved[hf]) != float(want):
+            raise ConfigError(f"model.init_from={path}: {hf} is {saved[hf]} there but {ours[hf]} is {want}")
+    if saved.get("tie_word_embeddings"):
+        raise ConfigError(f"model.init_from={path}: tie_word_embeddings is true there; our output head is untied")
 
 
 @torch.no_grad()

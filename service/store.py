@@ -287,6 +287,23 @@ class Store:
             session.flush()
             return CheckpointRecordOut.model_validate(ckpt)
 
+    def sync_checkpoints(self, job_id: str, present: list[tuple[int, str]]) -> None:
+        """Make the job's checkpoint records those on storage now, (step, path) each: new ones are
+        added, and those retention deleted are forgotten (after their files went)."""
+        with self._tx() as session:
+            self._require_job(session, job_id)
+            rows = session.scalars(select(CheckpointRecord).where(CheckpointRecord.job_id == job_id)).all()
+            known = {(r.step, r.path): r for r in rows}
+            for key, row in known.items():
+                if key not in present:
+                    session.delete(row)
+            now = utcnow()
+            session.add_all(
+                CheckpointRecord(job_id=job_id, step=step, path=path, time=now)
+                for step, path in present
+                if (step, path) not in known
+            )
+
     def checkpoints(self, job_id: str) -> list[CheckpointRecordOut]:
         query = select(CheckpointRecord).where(CheckpointRecord.job_id == job_id)
         with self._read() as session:

@@ -268,10 +268,7 @@ class Supervisor:
         ckpt_dir = run.group.cfg.checkpoint.dir
         if not ckpt_dir:
             return
-        known = {c.step for c in self.store.checkpoints(job_id)}
-        for c in list_checkpoints(ckpt_dir):
-            if c.complete and c.step not in known:
-                self.store.add_checkpoint(job_id, c.step, c.path)
+        self.store.sync_checkpoints(job_id, [(c.step, c.path) for c in list_checkpoints(ckpt_dir) if c.complete])
 
     # -- admission -----------------------------------------------------------------
     def free_resources(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:

@@ -83,6 +83,8 @@ def _worker(
     # _Stop: an interruption after a step (and its checkpoint), as a killed job would see it
     with contextlib.suppress(_Stop):
         trainer.run(on_step=lambda m: (history.append(m), stop and stop(m)))
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.finish()  # a background save of the last step lands, as at a graceful stop
     result: dict[str, Any] = {"history": history, "weights": trainer.full_state_dict(), "initial": initial}
     if extra == "memory":
         from parallel.data_parallel import memory_breakdown

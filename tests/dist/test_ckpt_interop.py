@@ -131,3 +131,26 @@ def test_corrupt_and_partial_checkpoints_are_named(ckpt: Path, tmp_path: Path) -
     out = _train(resume=str(broken))
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"fourfold: error: checkpoint {broken}: cannot be loaded"), out.stderr[-2000:]
+
+
+def test_init_from_refuses_numbers_that_differ_without_a_shape(exported: Path, tmp_path: Path) -> None:
+    """A foreign export whose RoPE base differs has every shape right but would give other logits."""
+    import shutil
+
+    other = tmp_path / "other-rope"
+    shutil.copytree(exported, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+    out = _train(f"model.init_from={other}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"fourfold: config error: model.init_from={other}: rope_theta is 500000.0 there but model.rope_theta is "
+        f"{config['rope_theta']}"
+    ]
+
+
+def test_export_to_an_unwritable_place_is_one_line(ckpt: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    out = _fourfold("ckpt", "export", str(ckpt), "--hf", str(tmp_path / "a-file" / "hf"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"--hf {tmp_path / 'a-file' / 'hf'}: cannot write there" in out.stderr

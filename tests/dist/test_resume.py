@@ -34,12 +34,25 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return run_layout(1, TEN, tmp_path_factory.mktemp("ref"))
 
 
-@pytest.mark.parametrize(("world", "layout"), [(1, []), (4, DP2_TP2)], ids=["one-process", "dp2-tp2"])
-def test_same_layout_resume_is_exact(world: int, layout: list[str], uninterrupted: dict, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted_dp2_tp2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_layout(4, [*TEN, *DP2_TP2], tmp_path_factory.mktemp("ref-dp2-tp2"))
+
+
+@pytest.mark.parametrize(
+    ("world", "layout", "reference"),
+    [(1, [], "uninterrupted"), (1, ["checkpoint.async=true"], "uninterrupted"), (4, DP2_TP2, "uninterrupted_dp2_tp2")],
+    ids=["one-process", "one-process-async", "dp2-tp2"],
+)
+def test_same_layout_resume_is_exact(
+    world: int, layout: list[str], reference: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Stopped after step 5 (its checkpoint written), resumed: steps 6-10 as the same layout's
+    uninterrupted run gives them."""
     ckpt = [f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=5"]
     run_layout(world, [*TEN, *layout, *ckpt], tmp_path, stop_after=5)
     resumed = run_layout(world, [*TEN, *layout, *ckpt, "checkpoint.resume=auto"], tmp_path)
-    _assert_close(_losses(resumed), _losses(uninterrupted, first=6), rtol=1e-6)
+    _assert_close(_losses(resumed), _losses(request.getfixturevalue(reference), first=6), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -74,23 +87,29 @@ def test_retention_keeps_last_two(tmp_path: Path) -> None:
     assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [9, 10]
 
 
-def test_killed_mid_write_resumes_from_previous(tmp_path: Path) -> None:
+# Where the kill lands, and the directory that shows the write got there.
+WINDOWS = {"shards": "step-00000004.tmp", "rename": "step-00000004.tmp", "marker": "step-00000004"}
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_killed_mid_write_resumes_from_previous(window: str, tmp_path: Path) -> None:
     """SIGKILL while step 4's checkpoint is being written: step 2's is used and the run finishes."""
     ckpt = tmp_path / "ckpt"
-    env = {**os.environ, "FOURFOLD_TEST_SLOW_COMMIT": "60"}
+    env = {**os.environ, "FOURFOLD_TEST_SLOW_AT": window, "FOURFOLD_TEST_SLOW_S": "60"}
     args = [sys.executable, "-m", "tests.dist.slow_commit", "--set", f"checkpoint.dir={ckpt}",
             "--set", "checkpoint.every=2", "--set", "train.steps=6"]  # fmt: skip
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not (ckpt / "step-00000004.tmp").exists():
+    while not (ckpt / WINDOWS[window]).exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.05)
-    time.sleep(0.5)  # in the middle of committing step 4
+    time.sleep(1.0)  # in the middle of writing step 4
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert (ckpt / "step-00000004.tmp").exists() and not (ckpt / "step-00000004").exists()
+    assert (ckpt / WINDOWS[window]).exists() and not (ckpt / "step-00000004" / "meta.json").exists()
+    assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [2]
     with pytest.raises(CheckpointError, match="incomplete"):
-        read_meta(str(ckpt / "step-00000004.tmp"))
+        read_meta(str(ckpt / WINDOWS[window]))
 
     out = subprocess.run(
         [sys.executable, "-m", "parallel.train", "--set", f"checkpoint.dir={ckpt}", "--set", "checkpoint.every=2",
@@ -99,4 +118,4 @@ def test_killed_mid_write_resumes_from_previous(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from {ckpt}/step-00000002 at step 2" in out.stdout
     assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [4, 6]
-    assert not (ckpt / "step-00000004.tmp").exists()  # the crash leftover was cleaned up
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000004", "step-00000006"]  # no crash leftovers

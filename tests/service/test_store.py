@@ -228,6 +228,9 @@ def test_logs_and_checkpoints(store: Store) -> None:
     store.add_checkpoint(job_id, 10, "/ckpt/step_10")
     assert [(c.step, c.path) for c in store.checkpoints(job_id)] == [(10, "/ckpt/step_10"), (20, "/ckpt/step_20")]
     assert store.checkpoints(submit(store)) == []
+    # Retention deleted step 10 and a new step 30 was committed: the records follow the storage.
+    store.sync_checkpoints(job_id, [(20, "/ckpt/step_20"), (30, "/ckpt/step_30")])
+    assert [(c.step, c.path) for c in store.checkpoints(job_id)] == [(20, "/ckpt/step_20"), (30, "/ckpt/step_30")]
 
 
 def test_count_by_state(store: Store) -> None:
