@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from parallel.config import ConfigError, load_config
+from parallel.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from parallel.data import TokenSource
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +76,23 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def preflight(cfg: Config, write_probe: bool = True) -> TokenSource:
+    """What can be checked before any process group exists, each mistake a ConfigError: the data
+    (opened), `model.init_from`, that `checkpoint.dir` can be written (`write_probe`: one rank
+    does it), and the checkpoint to resume from. Returns the opened data source."""
+    from parallel.checkpoint import check_storage, resolve_resume
+    from parallel.data import build_source  # imports torch, so only once the config parsed
+    from parallel.hf import check_hf_dir
+
+    source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
+    if cfg.model.init_from:
+        check_hf_dir(cfg.model.init_from, cfg.model)
+    if cfg.checkpoint.dir and write_probe:
+        check_storage(cfg.checkpoint.dir)
+    resolve_resume(cfg, None)
+    return source
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -79,20 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     world_size = args.nproc_per_node if launching else int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
-        from parallel.data import build_source  # imports torch, so only once the config parsed
-
-        # The data and the checkpoint to resume from are checked here too, before any process group exists.
-        source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
         if args.resume:
             cfg.checkpoint.resume = args.resume
-        from parallel.checkpoint import check_storage, resolve_resume
-        from parallel.hf import check_hf_dir
-
-        if cfg.model.init_from:
-            check_hf_dir(cfg.model.init_from, cfg.model)
-        if cfg.checkpoint.dir and int(os.environ.get("RANK", 0)) == 0:
-            check_storage(cfg.checkpoint.dir)
-        resolve_resume(cfg, None)
+        source = preflight(cfg, write_probe=int(os.environ.get("RANK", 0)) == 0)
     except ConfigError as err:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"fourfold: config error: {err}", file=sys.stderr)

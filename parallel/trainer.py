@@ -126,6 +126,9 @@ class Trainer:
             source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
         )
         self.step = 0
+        # What this rank is doing now (read by a launcher's heartbeat thread to name where a hung
+        # rank was): starting, data, forward-backward, optimizer, loss, checkpoint, idle.
+        self.phase = "idle"
         self._since_ckpt: list[dict[str, Any]] = []  # step metrics not yet in a checkpoint
         self.checkpointer: Checkpointer | None = None
         resume_path, meta = resolve_resume(cfg, resume)
@@ -194,16 +197,20 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         p = self.cfg.parallel
+        self.phase = "data"
         self.optimizer.zero_grad()
         cp_rank = self.layout.coord("cp")
         batches = [
             (shard_sequence(x, p.cp, cp_rank).to(self.device), shard_sequence(y, p.cp, cp_rank).to(self.device))
             for x, y in self.data.next_step()
         ]
+        self.phase = "forward-backward"
         total = self._forward_backward(batches)
         self.step += 1
         lr = lr_at(self.step, self.cfg.train)
+        self.phase = "optimizer"
         grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
+        self.phase = "loss"
         # Each rank's loss is the mean over its tokens; every (dp, cp) rank holds as many
         # tokens, so the global mean is their average. Only last-stage ranks hold a loss.
         with watch("dp/cp/pp", "all-reduce of the loss"):
@@ -213,6 +220,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t0
+        self.phase = "idle"
         tokens_per_s = self.cfg.train.global_batch * self.cfg.train.seq_len / step_time
         tflops = achieved_tflops(tokens_per_s, self.flops_per_token, dist.get_world_size())
         return {
@@ -252,10 +260,12 @@ class Trainer:
         if ck is None or not c.dir:
             return 0.0
         start = time.perf_counter()
+        self.phase = "checkpoint"
         ck.poll()
         due = self.step == self.cfg.train.steps or (c.every > 0 and self.step % c.every == 0)
         if due:
             ck.save(self.step, self.checkpoint_meta())
+        self.phase = "idle"
         return time.perf_counter() - start
 
     def checkpoint_meta(self) -> dict:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from parallel.config import Config, ConfigError, RestartConfig, check
-from service.scheduler import slots_of, unit_of
-from workers.placement import Node, Plan, make_plan
+from workers.placement import Plan, make_plan, nodes_for, unit_of
 
 BACKOFF_CAP_S = 300.0
 
@@ -36,9 +35,8 @@ def fit(cfg: Config, free: dict[str, dict[str, float]]) -> tuple[Config, Plan] |
                 check(trial)
             except ConfigError:  # e.g. the global batch does not split over this dp
                 continue
-        nodes = [Node(n, slots_of(res, trial)) for n, res in free.items()]
         try:
-            return trial, make_plan(trial.parallel, nodes, unit_of(trial))
+            return trial, make_plan(trial.parallel, nodes_for(free, trial.resources), unit_of(trial.resources))
         except ConfigError:
             continue
     return None

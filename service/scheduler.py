@@ -2,8 +2,9 @@
 
     decisions = admit(queued_jobs, free_nodes, total_nodes)
 
-A job starts only when its whole placement fits the free slots (gang admission). The
-queue is strict: when the job at its head does not fit yet, nothing behind it starts,
+A job starts only when its whole placement fits the free slots (gang admission); an elastic
+job (parallel.dp_min) starts at the largest dp that fits, down to dp_min. The queue is
+strict: when the job at its head does not fit yet, nothing behind it starts,
 so a large high-priority job is never starved by small ones slipping past. A job that
 could not fit even on the empty cluster is refused with the planner's reason.
 """
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from parallel.config import Config, ConfigError, build_config
-from workers.placement import Node, Plan, make_plan
+from service.recovery import fit
+from workers.placement import Plan, make_plan, nodes_for, unit_of
 
 
 @dataclass
@@ -24,17 +26,6 @@ class Decision:
     cfg: Config | None = None
     plan: Plan | None = None
     reason: str = ""
-
-
-def unit_of(cfg: Config) -> str:
-    return "GPUs" if cfg.resources.accelerator == "gpu" else "CPU slots"
-
-
-def slots_of(node_resources: dict[str, float], cfg: Config) -> int:
-    """How many ranks of this job a node's resources hold."""
-    res = cfg.resources
-    cpu = int(node_resources.get("CPU", 0) // res.cpus_per_rank)
-    return min(int(node_resources.get("GPU", 0)), cpu) if res.accelerator == "gpu" else cpu
 
 
 def admit(
@@ -50,14 +41,15 @@ def admit(
     for job in queued:
         try:
             cfg = build_config(job.spec)
-            make_plan(cfg.parallel, [Node(n, slots_of(r, cfg)) for n, r in total.items()], unit_of(cfg))
+            if fit(cfg, total) is None:  # not even at dp_min on the empty cluster: say why at full dp
+                make_plan(cfg.parallel, nodes_for(total, cfg.resources), unit_of(cfg.resources))
         except ConfigError as err:  # cannot run even on the empty cluster (or the spec went bad)
             out.append(Decision(job.id, "refuse", reason=str(err)))
             continue
-        try:
-            plan = make_plan(cfg.parallel, [Node(n, slots_of(r, cfg)) for n, r in free.items()], unit_of(cfg))
-        except ConfigError:
+        fitted = fit(cfg, free)  # full dp, or for an elastic job the largest dp down to dp_min
+        if fitted is None:
             break  # the head of the queue waits for room; nothing overtakes it
+        cfg, plan = fitted
         for node in plan.nodes():
             n = len(plan.on_node(node))
             free[node]["CPU"] = free[node].get("CPU", 0) - n * cfg.resources.cpus_per_rank

@@ -1,4 +1,4 @@
-"""A job's ranks as one object on a Ray cluster: start, poll, stop, teardown.
+"""A job's ranks as one object on a Ray cluster: reserve, launch, poll, stop, teardown.
 
     group = WorkerGroup(cfg, job_id="tiny-1")
     group.start()                       # plan, placement group, one actor per rank, rendezvous
@@ -6,49 +6,52 @@
         for m in status.metrics: ...    # rank 0's step metrics, as they happen
     group.teardown()                    # always: no actor or placement group of ours stays
 
+`start` is `reserve` (the placement group, asynchronous), waiting until it is ready, and
+`launch` (the actors); a caller that must not block (the service's supervisor) calls the
+three itself and checks `is_ready()` between its other work.
+
 The plan (`workers.placement`) decides which ranks share a node; here each planned node
-becomes one bundle of a single STRICT_SPREAD placement group, so every bundle lands on
-a different node, all bundles are reserved or none, and the ranks of a bundle (a TP
-group, or a TP x CP block) share a node. Actors are named `fourfold:<job>:<rank>` in the
-`fourfold` namespace so leftovers can be found.
+becomes one bundle of a single STRICT_SPREAD placement group, pinned to that node by its
+`ray.io/node-id` label, so all bundles are reserved or none, each where the plan says, and
+the ranks of a bundle (a TP group, or a TP x CP block) share a node. Actors are named
+`fourfold:<job>:<rank>` in the `fourfold` namespace and the placement group
+`fourfold:<job>`, so leftovers of a job can be found (`remove_leftovers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.config import Config
-from workers.placement import Node, PlacementError, Plan, make_plan
+from workers.health import Health
+from workers.placement import Node, PlacementError, Plan, make_plan, nodes_for, unit_of
 from workers.worker import RankRunner
 
 NAMESPACE = "fourfold"
 # Passed on to every rank when the driver has them: how gloo and torch find their way on CPU.
 PASS_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
             "FOURFOLD_TEST_STALL", "FOURFOLD_TEST_HOLD")  # fmt: skip
+LAUNCH_TIMEOUT_S = 120.0  # for every actor process to start and answer
+GONE_TIMEOUT_S = 30.0  # for Ray to finish removing what teardown removed
+
+
+def node_resources() -> dict[str, dict[str, float]]:
+    """Alive nodes' total resources, by node id."""
+    return {n["NodeID"]: dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")}
 
 
 def cluster_nodes(cfg: Config) -> list[Node]:
     """Alive nodes and how many ranks of this job each can hold, from the cluster's totals."""
-    res = cfg.resources
-    nodes = []
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        have = n.get("Resources", {})
-        if res.accelerator == "gpu":
-            slots = min(int(have.get("GPU", 0)), int(have.get("CPU", 0) // res.cpus_per_rank))
-        else:
-            slots = int(have.get("CPU", 0) // res.cpus_per_rank)
-        nodes.append(Node(n["NodeID"], slots))
-    return nodes
+    return nodes_for(node_resources(), cfg.resources)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Status:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: dict[int, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    training: bool = False  # every rank is past start-up
 
 
 class WorkerGroup:
@@ -67,42 +71,69 @@ class WorkerGroup:
         self.cfg, self.job_id, self.ready_timeout_s, self.runner_cls = cfg, job_id, ready_timeout_s, runner_cls
         self.plan: Plan | None = None
         self.pg = None
-        self.bundles: list[tuple[str, dict[str, float]]] = []  # where the reservation landed
+        self.bundles: list[tuple[str, dict[str, float]]] = []  # (node, resources) reserved
+        self.reserved_at = 0.0
         self.actors: list[Any] = []
         self.queue: Queue | None = None
         self.futures: list[Any] = []
         self.heartbeats: dict[int, dict[str, Any]] = {}
+        self.health = Health(cfg.parallel.world_size, time.monotonic())
         self.errors: list[dict[str, Any]] = []
-        self.started_at = time.time()
         self.results: list[dict[str, Any]] = []
 
     def make_plan(self) -> Plan:
-        unit = "GPUs" if self.cfg.resources.accelerator == "gpu" else "CPU slots"
-        return make_plan(self.cfg.parallel, cluster_nodes(self.cfg), unit=unit)
+        return make_plan(self.cfg.parallel, cluster_nodes(self.cfg), unit=unit_of(self.cfg.resources))
 
+    # -- starting ------------------------------------------------------------------
     def start(self, spec: dict[str, Any] | None = None, plan: Plan | None = None) -> None:
-        """Reserve the whole gang, start one actor per rank and begin training (non-blocking).
+        """Reserve the whole gang, wait for it, start one actor per rank and begin training.
 
         plan: made by the caller (the service plans on the free slots it tracks); default: on
         the cluster's totals."""
-        self.plan = plan = plan or self.make_plan()
-        res = self.cfg.resources
-        gpu = res.accelerator == "gpu"
-        nodes = plan.nodes()
-        bundles = []
-        for node in nodes:
-            n = len(plan.on_node(node))
-            bundles.append({"CPU": n * res.cpus_per_rank, **({"GPU": n} if gpu else {})})
-        self.pg = placement_group(bundles, strategy="STRICT_SPREAD", name=f"fourfold:{self.job_id}")
+        self.reserve(plan)
         ready, _ = ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
         if not ready:
+            message = self.not_ready()
             self.teardown()
-            raise PlacementError(
-                f"the cluster has no room for {len(bundles)} node-sized blocks {bundles} "
-                f"within {self.ready_timeout_s:.0f} s"
-            )
+            raise PlacementError(message)
+        self.launch(spec)
+
+    def reserve(self, plan: Plan | None = None) -> None:
+        """Ask for the placement group (returns at once): one bundle per planned node, pinned there."""
+        self.plan = plan = plan or self.make_plan()
+        res = self.cfg.resources
+        nodes = plan.nodes()
+        self.bundles = []
+        gpu = res.accelerator == "gpu"
+        for node in nodes:
+            n = len(plan.on_node(node))
+            self.bundles.append((node, {"CPU": n * res.cpus_per_rank, **({"GPU": n} if gpu else {})}))
+        self.pg = placement_group(
+            [b for _, b in self.bundles], strategy="STRICT_SPREAD", name=f"fourfold:{self.job_id}",
+            bundle_label_selector=[{NODE_ID_LABEL_KEY: node} for node in nodes],
+        )  # fmt: skip
+        self.reserved_at = time.monotonic()
+
+    def is_ready(self) -> bool:
+        ready, _ = ray.wait([self.pg.ready()], timeout=0)
+        return bool(ready)
+
+    def not_ready(self) -> str:
+        """Why a reservation is still waiting, for errors and events."""
+        blocks = ", ".join(f"{node[:12]}: {b}" for node, b in self.bundles)
+        waited = time.monotonic() - self.reserved_at
+        return f"the cluster has no room for {len(self.bundles)} node-sized blocks ({blocks}) within {waited:.0f} s"
+
+    def launch(self, spec: dict[str, Any] | None = None) -> None:
+        """Start one actor per rank in the ready placement group, hand out the rendezvous, train."""
+        plan, res = self.plan, self.cfg.resources
         table = ray.util.placement_group_table(self.pg)
-        self.bundles = [(table["bundles_to_node_id"][i], b) for i, b in enumerate(bundles)]  # (node, resources)
+        landed = [table["bundles_to_node_id"][i] for i in range(len(self.bundles))]
+        if landed != [node for node, _ in self.bundles]:  # the label pins them; never trust, check
+            self.teardown()
+            raise PlacementError(f"the placement group landed on {landed}, not on the planned nodes")
+        gpu = res.accelerator == "gpu"
+        nodes = plan.nodes()
         # The queue lives in rank 0's bundle: if that node goes, the job fails anyway.
         beside_rank0 = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
         self.queue = Queue(actor_options={"num_cpus": 0, "namespace": NAMESPACE, "scheduling_strategy": beside_rank0})
@@ -118,18 +149,31 @@ class WorkerGroup:
                     num_gpus=1 if gpu else 0, scheduling_strategy=strategy,
                 ).remote(r.rank, world, 0 if gpu else r.bundle, queue.put_nowait)
             )  # fmt: skip
-        master = ray.get(self.actors[0].where.remote())["host"]
-        port = ray.get(self.actors[0].free_port.remote())
+        master = ray.get(self.actors[0].where.remote(), timeout=LAUNCH_TIMEOUT_S)["host"]
+        port = ray.get(self.actors[0].free_port.remote(), timeout=LAUNCH_TIMEOUT_S)
         env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
         env.setdefault("OMP_NUM_THREADS", str(res.cpus_per_rank))
+        if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs
+            env["CUDA_VISIBLE_DEVICES"] = ""
         spec = spec if spec is not None else self.cfg.model_dump(mode="json", by_alias=True)
         self.futures = [a.run.remote(spec, master, port, env) for a in self.actors]
-        self.started_at = time.time()
+        self.health = Health(world, time.monotonic(), nodes={r.rank: r.node for r in plan.ranks})
+
+    @property
+    def launched(self) -> bool:
+        return bool(self.futures)
 
     def where(self) -> list[dict[str, Any]]:
         """Each rank's node id, host and pid, as the actors report them."""
         return ray.get([a.where.remote() for a in self.actors])
 
+    def request_stop(self, at_checkpoint: bool = False) -> None:
+        """Ask every rank to stop after its current step (saving a checkpoint if configured), or
+        with `at_checkpoint` after the next step that saves one on schedule."""
+        for a in self.actors:
+            a.request_stop.remote(at_checkpoint)
+
+    # -- watching ------------------------------------------------------------------
     def _drain(self) -> list[dict[str, Any]]:
         """Take every queued event in two calls to the queue actor (not one per event)."""
         if self.queue is None:
@@ -140,7 +184,7 @@ class WorkerGroup:
         except ray.exceptions.RayError:  # the queue's node is gone; the ranks' futures say the rest
             self.queue = None
             return []
-        metrics = []
+        metrics, now = [], time.monotonic()
         for event in events:
             if event["kind"] == "metrics":
                 metrics.append(event["metrics"])
@@ -148,6 +192,7 @@ class WorkerGroup:
                 self.errors.append(event)
             else:
                 self.heartbeats[event["rank"]] = event
+                self.health.record(event["rank"], event["step"], event["phase"], now)
         return metrics
 
     def poll(self, timeout_s: float = 0.0) -> Status:
@@ -164,13 +209,15 @@ class WorkerGroup:
                 raised.append((self.futures.index(ref), err))
         if died or raised:
             metrics += self._drain()
-            return Status("failed", metrics, dict(self.heartbeats), self._cause(died, raised))
+            return self._status("failed", metrics, self._cause(died, raised))
         if len(done) < len(self.futures):
-            return Status("running", metrics, dict(self.heartbeats))
+            return self._status("running", metrics)
         self.results = ray.get(self.futures)
         metrics += self._drain()
-        state = "stopped" if any(r["stopped"] for r in self.results) else "succeeded"
-        return Status(state, metrics, dict(self.heartbeats))
+        return self._status("stopped" if any(r["stopped"] for r in self.results) else "succeeded", metrics)
+
+    def _status(self, state: str, metrics: list[dict[str, Any]], error: str | None = None) -> Status:
+        return Status(state, metrics, dict(self.heartbeats), error, self.health.training)
 
     def _cause(self, died: list[int], raised: list[tuple[int, Exception]]) -> str:
         """Why the job failed, naming the ranks and nodes: a dead process first, else the earliest error."""
@@ -181,22 +228,16 @@ class WorkerGroup:
         if self.errors:  # the earliest a rank reported is the cause; its peers fail after it
             first = min(self.errors, key=lambda e: e["time"])
             node = nodes.get(first["rank"], "?")[:12]
-            return f"rank {first['rank']} (node {node}) raised: {_first_line(first['error'])}"
-        rank, err = raised[0]
+            return f"rank {first['rank']} (node {node}) raised: {_last_line(first['error'])}"
+        rank, err = min(raised)  # no event arrived: the lowest rank that raised
         kind = type(getattr(err, "cause", None) or err).__name__
-        return f"rank {rank} raised: {_first_line(f'{kind}: {err}')}"
+        return f"rank {rank} (node {nodes.get(rank, '?')[:12]}) raised: {_last_line(f'{kind}: {err}')}"
 
-    def silent_ranks(self, timeout_s: float) -> list[tuple[int, str, int, float]]:
-        """Ranks whose last heartbeat is older than timeout_s: (rank, last phase, step, seconds silent)."""
-        now = time.time()
-        world = self.cfg.parallel.world_size
-        out = []
-        for rank in range(world):
-            hb = self.heartbeats.get(rank)
-            since = now - (hb["time"] if hb else self.started_at)
-            if since > timeout_s:
-                out.append((rank, hb["phase"] if hb else "not started", hb["step"] if hb else 0, since))
-        return out
+    def hang(self, timeout_s: float | None = None) -> str | None:
+        """Why the job is hung (silent ranks, or no progress) after `timeout_s`
+        (default restart.hang_timeout_s), or None."""
+        timeout_s = self.cfg.restart.hang_timeout_s if timeout_s is None else timeout_s
+        return self.health.problem(time.monotonic(), timeout_s)
 
     def wait(self, timeout_s: float | None = None, on_metrics: Any = None) -> Status:
         """Poll until the job ends (or the timeout passes: state stays running)."""
@@ -213,25 +254,75 @@ class WorkerGroup:
                 return status
 
     def stop(self, timeout_s: float = 120.0) -> Status:
-        """Ask every rank to stop after its current step (saving a checkpoint if configured)."""
-        for a in self.actors:
-            a.request_stop.remote()
+        """Ask every rank to stop after its current step and wait for them."""
+        self.request_stop()
         return self.wait(timeout_s)
 
-    def teardown(self) -> None:
-        """Kill every actor and remove the placement group; safe to call more than once."""
+    # -- ending --------------------------------------------------------------------
+    def teardown(self, wait: bool = True) -> None:
+        """Kill every actor and remove the placement group, then (wait=True) until Ray says they
+        are gone. Safe to call more than once; one step failing (a lost node) does not skip the rest."""
+        names = [f"fourfold:{self.job_id}:{r}" for r in range(len(self.actors))]
         for a in self.actors:
-            ray.kill(a, no_restart=True)
+            _quietly(ray.kill, a, no_restart=True)
         self.actors, self.futures = [], []
         if self.queue is not None:
-            self.queue.shutdown(force=True)
+            _quietly(self.queue.shutdown, force=True)
             self.queue = None
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            _quietly(remove_placement_group, pg)
         self.bundles = []
+        if wait:
+            _wait_gone(names, [pg] if pg is not None else [])
 
 
-def _first_line(text: str) -> str:
+def remove_leftovers(job_ids: list[str]) -> int:
+    """Remove the actors and placement groups a previous driver left for these jobs (it died and
+    Ray may not have cleaned up yet); wait until they are gone. Returns how many were found."""
+    if not job_ids:
+        return 0
+    mine = {f"fourfold:{j}" for j in job_ids}
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].rsplit(":", 1)[0] in mine
+    ]
+    for name in names:
+        _quietly(lambda n: ray.kill(ray.get_actor(n, namespace=NAMESPACE), no_restart=True), name)
+    groups = [
+        ray.util.get_placement_group(g["name"])
+        for g in ray.util.placement_group_table().values()
+        if g["name"] in mine and g["state"] != "REMOVED"
+    ]
+    for pg in groups:
+        _quietly(remove_placement_group, pg)
+    _wait_gone(names, groups)
+    return len(names) + len(groups)
+
+
+def _wait_gone(names: list[str], groups: list[Any]) -> None:
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+        pending = [pg for pg in groups if _pg_state(pg) not in ("REMOVED", None)]
+        if not (alive & set(names)) and not pending:
+            return
+        time.sleep(0.1)
+
+
+def _pg_state(pg: Any) -> str | None:
+    try:
+        return ray.util.placement_group_table(pg).get("state")
+    except Exception:
+        return None
+
+
+def _quietly(fn: Any, *args: Any, **kwargs: Any) -> None:
+    with contextlib.suppress(Exception):  # already gone, or its node is: nothing more to remove there
+        fn(*args, **kwargs)
+
+
+def _last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip()[:500] if lines else "unknown error"

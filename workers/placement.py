@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from parallel.config import ConfigError, ParallelConfig
+from parallel.config import ConfigError, ParallelConfig, ResourcesConfig
 
 
 class PlacementError(ConfigError):
@@ -58,6 +58,23 @@ class Plan:
 
     def on_node(self, node: str) -> list[RankPlace]:
         return [r for r in self.ranks if r.node == node]
+
+
+def unit_of(res: ResourcesConfig) -> str:
+    """What one slot is, in messages."""
+    return "GPUs" if res.accelerator == "gpu" else "CPU slots"
+
+
+def slots_of(node_resources: dict[str, float], res: ResourcesConfig) -> int:
+    """How many ranks a node's resources hold: its GPUs (with cpus_per_rank CPUs each), or its
+    CPUs divided by cpus_per_rank on a CPU cluster."""
+    cpu = int(node_resources.get("CPU", 0) // res.cpus_per_rank)
+    return min(int(node_resources.get("GPU", 0)), cpu) if res.accelerator == "gpu" else cpu
+
+
+def nodes_for(resources: dict[str, dict[str, float]], res: ResourcesConfig) -> list[Node]:
+    """Node id -> resources (free or total) as planner nodes for a job with these resources."""
+    return [Node(node, slots_of(have, res)) for node, have in resources.items()]
 
 
 def coords(rank: int, p: ParallelConfig) -> tuple[int, int, int, int]:

@@ -25,7 +25,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--explain", action="store_true", help="print the placement plan and exit")
     parser.add_argument("--json", action="store_true", help="with --explain: the plan as a JSON list")
     parser.add_argument("--job-id", default=None, help="names the actors and placement group (default: random)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--skip-local-checks", action="store_true",
+        help="do not open the data, init_from and checkpoint paths here (they exist only on the cluster's nodes)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.json and not args.explain:
+        parser.error("--json goes with --explain (the plan as JSON)")
+    return args
 
 
 def connect() -> None:
@@ -36,21 +43,28 @@ def connect() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes Ray use 127.0.0.1 throughout
+    else:  # a local cluster, on loopback only (workers/__init__.py)
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from parallel.config import ConfigError, load_config
+    from parallel.train import preflight
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.explain and not args.skip_local_checks:
+            preflight(cfg)  # the data, init_from and checkpoints, before the cluster is asked for anything
     except ConfigError as err:
         print(f"fourfold: config error: {err}", file=sys.stderr)
         return 2
-    connect()
+    try:
+        connect()
+    except Exception as err:  # an unreachable RAY_ADDRESS, a local start that failed
+        where = os.environ.get("RAY_ADDRESS") or "a local cluster on 127.0.0.1"
+        print(f"fourfold: error: cannot connect to Ray ({where}): {_last_line(err)}", file=sys.stderr)
+        return 2
     from workers.group import WorkerGroup
     from workers.placement import explain
 
@@ -62,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
             return 0
         group.start()
+        print(f"fourfold: {cfg.parallel.world_size} ranks on {len(group.plan.nodes())} node(s)", flush=True)
         out_file = None
         if args.metrics_file:
             Path(args.metrics_file).parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         group.teardown()
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ one per rank. Everything it tells the driver goes through `report(event)`, a cal
 the driver hands in (a Ray queue there, a list in a test):
 
     {"kind": "metrics", "rank": 0, "metrics": {...}}      rank 0, after every step
-    {"kind": "heartbeat", "rank": r, "step": s, "phase": "train", "time": t}   every rank, every step
+    {"kind": "heartbeat", "rank": r, "step": s, "phase": "forward-backward", "time": t}
     {"kind": "error", "rank": r, "error": "RuntimeError: ...", "time": t}        a rank that raised
+
+Heartbeats come from a thread of the rank's own, every few seconds and at every change
+of state, so a rank that is busy (a long step, loading a checkpoint) still beats, and one
+that is stuck keeps saying where: `starting` (process group, model, checkpoint load),
+then the trainer's phase (`data`, `forward-backward`, `optimizer`, `loss`, `checkpoint`,
+`idle`), `stopping` and `done`. `workers.health` judges them.
 
 Stopping is cooperative and happens at a step boundary on every rank at once: after each
 step the ranks all-reduce their stop flags on a small gloo group, so a request that reaches
@@ -41,7 +47,10 @@ class RankRunner:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.report = report
         self._stop = threading.Event()
-        self.step, self.phase = 0, "created"
+        self._done = threading.Event()
+        self.step, self.phase = 0, "starting"
+        self.trainer: Any = None
+        self._at_checkpoint = False
 
     def where(self) -> dict[str, Any]:
         """This rank's node (Ray node id when under Ray), host address and process id."""
@@ -58,12 +67,29 @@ class RankRunner:
     def free_port(self) -> int:
         return free_port()
 
-    def request_stop(self) -> None:
+    def request_stop(self, at_checkpoint: bool = False) -> None:
+        """Stop after the current step (saving a checkpoint of it when checkpoints are on), or with
+        `at_checkpoint` after the next step that saves one anyway (none extra is written)."""
+        self._at_checkpoint = at_checkpoint
         self._stop.set()
 
     def _beat(self, phase: str) -> None:
+        """Enter `phase` and say so now (`train` means: whatever the trainer is doing)."""
         self.phase = phase
-        self.report({"kind": "heartbeat", "rank": self.rank, "step": self.step, "phase": phase, "time": time.time()})
+        self._send_beat()
+
+    def _send_beat(self) -> None:
+        trainer = self.trainer
+        phase = trainer.phase if trainer is not None and self.phase == "train" else self.phase
+        step = trainer.step if trainer is not None else self.step
+        self.report({"kind": "heartbeat", "rank": self.rank, "step": step, "phase": phase, "time": time.time()})
+
+    def _beat_every(self, interval_s: float) -> None:
+        while not self._done.wait(interval_s):
+            try:
+                self._send_beat()
+            except Exception:  # the driver's queue is gone; the job is being torn down
+                return
 
     def run(
         self, spec: dict[str, Any], master_addr: str, master_port: int, env: dict[str, str] | None = None
@@ -81,34 +107,40 @@ class RankRunner:
         from parallel.trainer import Trainer
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self._beat("init")
-        cfg = build_config(spec, world_size=self.world_size)
-        trainer = Trainer(cfg)
-        self.step = trainer.step
-        control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
-        stopped = False
-
-        stall = _stall_hook(self.rank)
-        hold = _hold_hook()
-
-        def on_step(metrics: dict[str, Any]) -> None:
-            self.step = metrics["step"]
-            if stall is not None and self.step == stall:  # test hook: this rank hangs here
-                self._beat("stalled-by-test-hook")
-                time.sleep(3600)
-            if self.rank == 0:
-                self.report({"kind": "metrics", "rank": 0, "metrics": metrics})
-            self._beat("train")
-            if hold is not None and self.step >= hold[0]:  # test hook: wait for a file or a stop
-                while not os.path.exists(hold[1]) and not self._stop.is_set():
-                    self._beat("held-by-test-hook")
-                    time.sleep(0.2)
-            flag = torch.tensor([1.0 if self._stop.is_set() else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-            if flag.item() > 0 and trainer.step < cfg.train.steps:
-                raise StopRequested
-
+        hang_timeout_s = float(spec.get("restart", {}).get("hang_timeout_s", 300))
+        beats = threading.Thread(target=self._beat_every, args=(min(2.0, hang_timeout_s / 5),), daemon=True)
+        self._beat("starting")
+        beats.start()
+        stopped, trainer, control = False, None, None
         try:
+            cfg = build_config(spec, world_size=self.world_size)
+            trainer = self.trainer = Trainer(cfg)
+            self.step = trainer.step
+            control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
+            stall, hold = _stall_hook(self.rank), _hold_hook()
+
+            def on_step(metrics: dict[str, Any]) -> None:
+                self.step = metrics["step"]
+                if stall is not None and self.step == stall:  # test hook: this rank hangs here, once
+                    _mark_stalled()
+                    self._beat("stalled-by-test-hook")
+                    time.sleep(3600)
+                if self.rank == 0:
+                    self.report({"kind": "metrics", "rank": 0, "metrics": metrics})
+                self._beat("train")
+                if hold is not None and self.step >= hold[0]:  # test hook: wait for a file or a stop
+                    self._beat("held-by-test-hook")
+                    while not os.path.exists(hold[1]) and not self._stop.is_set():
+                        time.sleep(0.2)
+                    self._beat("train")
+                c = cfg.checkpoint
+                saved_now = bool(c.dir) and c.every > 0 and self.step % c.every == 0  # the same on every rank
+                stop_now = self._stop.is_set() and (saved_now or not self._at_checkpoint or not c.dir or not c.every)
+                flag = torch.tensor([1.0 if stop_now else 0.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+                if flag.item() > 0 and trainer.step < cfg.train.steps:
+                    raise StopRequested
+
             self._beat("train")
             trainer.run(on_step=on_step)
         except StopRequested:
@@ -116,7 +148,7 @@ class RankRunner:
             self._beat("stopping")
             if trainer.checkpointer is not None and cfg.checkpoint.dir:
                 trainer.checkpointer.finish()
-                trainer.checkpointer.save(trainer.step, trainer.checkpoint_meta(), wait=True)
+                trainer.checkpointer.save(trainer.step, trainer.checkpoint_meta(), wait=True)  # no-op if saved
         except Exception as err:
             # Said before this rank leaves the process group: its peers fail next ("connection
             # closed"), so the earliest error event is the cause.
@@ -124,25 +156,28 @@ class RankRunner:
                          "time": time.time()})  # fmt: skip
             raise
         finally:
-            trainer.close()
+            self._done.set()
+            if trainer is not None:
+                trainer.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
-        self._beat("done")
+        self.phase = "done"
+        self._send_beat()
         return {"rank": self.rank, "step": self.step, "stopped": stopped}
 
 
 def _stall_hook(rank: int) -> int | None:
-    """FOURFOLD_TEST_STALL=RANK:STEP:MARKER makes that rank hang after that step, once: the first
-    rank to stall creates MARKER, and a restarted job runs through (fault-tolerance tests)."""
+    """FOURFOLD_TEST_STALL=RANK:STEP:MARKER makes that rank hang after that step, once: it creates
+    MARKER when it stalls, and a restarted job (MARKER there) runs through (fault-tolerance tests)."""
     parts = os.environ.get("FOURFOLD_TEST_STALL", "").split(":", 2)
-    if len(parts) != 3 or int(parts[0]) != rank:
-        return None
-    try:
-        with open(parts[2], "x"):
-            pass
-    except FileExistsError:
+    if len(parts) != 3 or int(parts[0]) != rank or os.path.exists(parts[2]):
         return None
     return int(parts[1])
+
+
+def _mark_stalled() -> None:
+    with open(os.environ["FOURFOLD_TEST_STALL"].split(":", 2)[2], "w") as f:
+        f.write(str(time.time()))
 
 
 def _hold_hook() -> tuple[int, str] | None:

@@ -69,8 +69,35 @@ def test_tp_groups_share_a_node_and_pp_stages_spread(cluster) -> None:
     assert status.state == "succeeded", status.error
     assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # each TP group on one node
     assert nodes[0] != nodes[2]  # the two pipeline stages on different nodes
+    assert nodes == {r.rank: r.node for r in group.plan.ranks}  # every rank where the plan put it
     assert [m["step"] for m in status.metrics] == [1, 2]
     assert {hb["phase"] for hb in status.heartbeats.values()} == {"done"} and len(status.heartbeats) == 4
+    _assert_nothing_left()
+
+
+def test_metrics_arrive_while_the_job_runs_and_a_hard_teardown_leaves_nothing(cluster, tmp_path: Path) -> None:
+    """Rank 0's metrics reach the driver step by step, not at the end; heartbeats keep coming from a
+    rank that is busy; and tearing a running job down mid-step (a cancel past its grace) leaves nothing."""
+    release = tmp_path / "release"
+    os.environ["FOURFOLD_TEST_HOLD"] = f"2:{release}"  # every rank waits after step 2 until `release` exists
+    group = WorkerGroup(_cfg("parallel.dp=2", steps=4), job_id="streaming")
+    try:
+        group.start()
+        seen: list[int] = []
+        deadline = time.monotonic() + 120
+        while 2 not in seen:
+            status = group.poll(timeout_s=0.2)
+            assert status.state == "running" and time.monotonic() < deadline, status
+            seen += [m["step"] for m in status.metrics]
+        assert seen == [1, 2]
+        first = {r: hb["time"] for r, hb in group.poll().heartbeats.items()}
+        time.sleep(2.5)  # held: no step ends, yet each rank's own thread keeps beating
+        later = group.poll().heartbeats
+        assert all(later[r]["time"] > first[r] for r in first) and later[0]["phase"] == "held-by-test-hook"
+        assert group.hang(timeout_s=60) is None
+    finally:
+        os.environ.pop("FOURFOLD_TEST_HOLD")
+        group.teardown()
     _assert_nothing_left()
 
 
@@ -90,6 +117,7 @@ def test_same_losses_as_torchrun(cluster, layout: list[str], tmp_path: Path) -> 
         env={**env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+    assert "4 ranks on " in ray_run.stdout  # the layout Ray ran is the one asked for
     torchrun = subprocess.run(
         [sys.executable, "-m", "parallel.train", "--nproc-per-node", "4", "--config", str(spec), *sets,
          "--metrics-file", str(tmp_path / "torchrun.jsonl")],
@@ -118,6 +146,18 @@ def test_explain_json_starts_nothing(cluster) -> None:
     )  # fmt: skip
     assert refused.returncode == 2
     assert "parallel.tp=4 needs 4 CPU slots on one node; the largest node has 2" in refused.stderr
+    _assert_nothing_left()
+
+
+def test_bad_input_is_refused_before_the_cluster_is_asked(cluster, tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    run = [sys.executable, "-m", "workers.run"]
+    missing = subprocess.run([*run, "--set", "data.source=text", "--set", "data.path=/nonexistent/corpus"],
+                             env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert missing.stderr.startswith("fourfold: config error: data.path") and "/nonexistent/corpus" in missing.stderr
+    usage = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert usage.returncode == 2 and "--json goes with --explain" in usage.stderr
     _assert_nothing_left()
 
 
@@ -175,3 +215,38 @@ def test_no_room_times_out_and_reserves_nothing(cluster) -> None:
     finally:
         remove_placement_group(other)
     _assert_nothing_left()
+
+
+def _listening() -> list[tuple[str, str]]:
+    """(process name, local address) of every TCP socket in LISTEN state, read from /proc."""
+    import glob
+
+    owners: dict[str, str] = {}
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                owners[target[8:-1]] = Path(fd).parents[1].joinpath("comm").read_text().strip()
+        except OSError:
+            continue
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            address = fields[1].split(":")[0]
+            assert len(address) == width
+            if fields[9] in owners:
+                out.append((owners[fields[9]], address))
+    return out
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_ray_listens_on_loopback_only(cluster) -> None:
+    """Every server the simulated cluster started (GCS, raylets, workers) is bound to 127.0.0.1."""
+    ours = [(name, addr) for name, addr in _listening() if "ray" in name or name in ("gcs_server", "raylet")]
+    assert ours, "found no Ray server sockets to check"
+    assert all(addr in LOOPBACK for _, addr in ours), [x for x in ours if x[1] not in LOOPBACK]

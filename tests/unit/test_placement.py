@@ -127,3 +127,23 @@ def test_explain_lists_every_rank() -> None:
     text = explain(make_plan(_layout(dp=2, tp=2), _nodes([4])))
     assert text.splitlines()[0].split() == ["rank", "node", "bundle", "pp", "dp", "cp", "tp"]
     assert [line.split()[0] for line in text.splitlines()[1:]] == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize(
+    ("have", "accelerator", "cpus_per_rank", "slots"),
+    [
+        ({"CPU": 8.0}, "cpu", 1, 8),
+        ({"CPU": 8.0}, "cpu", 3, 2),
+        ({"CPU": 16.0, "GPU": 8.0}, "gpu", 1, 8),
+        ({"CPU": 16.0, "GPU": 8.0}, "gpu", 4, 4),  # CPUs bind before GPUs do
+        ({"CPU": 8.0}, "gpu", 1, 0),  # no GPU, no GPU slot
+        ({}, "cpu", 1, 0),
+    ],
+)
+def test_slots_from_node_resources(have: dict, accelerator: str, cpus_per_rank: int, slots: int) -> None:
+    from parallel.config import ResourcesConfig
+    from workers.placement import nodes_for, slots_of
+
+    res = ResourcesConfig(accelerator=accelerator, cpus_per_rank=cpus_per_rank)
+    assert slots_of(have, res) == slots
+    assert nodes_for({"n1": have}, res) == [Node("n1", slots)]
