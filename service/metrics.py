@@ -1,7 +1,8 @@
 """Prometheus metrics of the service, in a registry of their own (one per service instance).
 
 Served at `GET /metrics`: jobs by state, queue length, each running job's latest loss,
-tokens/s, MFU and step time, restarts, and the API's request latency.
+tokens/s, MFU, step time and recovery time, restarts, recovery times, and the API's request
+latency.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class ServiceMetrics:
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.last_recovery = Gauge(
+            "fourfold_job_last_recovery_seconds", "The job's latest recovery time (failure -> training)", ["job"],
+            registry=r,
+        )  # fmt: skip
         self.request_latency = Histogram(
             "fourfold_http_request_seconds", "API request latency", ["method", "route", "status"], registry=r
         )
@@ -47,9 +52,13 @@ class ServiceMetrics:
         self.step_time.labels(job=job_id).set(m["step_time_s"])
         self.step.labels(job=job_id).set(m["step"])
 
+    def observe_recovery(self, job_id: str, seconds: float) -> None:
+        self.recovery.observe(seconds)
+        self.last_recovery.labels(job=job_id).set(seconds)
+
     def forget(self, job_id: str) -> None:
         """A job ended: drop its per-job series so /metrics does not grow without bound."""
-        for gauge in (self.loss, self.tokens_per_s, self.mfu, self.step_time, self.step):
+        for gauge in (self.loss, self.tokens_per_s, self.mfu, self.step_time, self.step, self.last_recovery):
             with contextlib.suppress(KeyError):
                 gauge.remove(job_id)
 

@@ -102,8 +102,9 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    outcome: Mapped[str | None] = mapped_column(String(16))  # succeeded | failed | cancelled | stopped
+    outcome: Mapped[str | None] = mapped_column(String(16))  # succeeded | failed | cancelled | stopped | interrupted
     reason: Mapped[str | None] = mapped_column(Text)
+    recovery_s: Mapped[float | None] = mapped_column(Float)  # failure detected -> this attempt's first step
 
 
 class Event(Base):

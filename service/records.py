@@ -53,6 +53,7 @@ class AttemptRecord(_Record):
     finished_at: UTCTime | None = None
     outcome: str | None = None
     reason: str | None = None
+    recovery_s: float | None = None
 
 
 class EventRecord(_Record):

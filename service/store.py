@@ -32,7 +32,8 @@ from service.states import ACTIVE, TERMINAL, JobState, check_transition
 
 __all__ = ["AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Store"]
 
-OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "stopped"})
+# interrupted: the service stopped (or died) while the attempt ran; it is not one of the job's failures.
+OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "stopped", "interrupted"})
 _FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
 
 
@@ -202,18 +203,37 @@ class Store:
             return job.attempts
 
     def finish_attempt(self, job_id: str, number: int, outcome: str, reason: str | None = None) -> None:
-        """Close an attempt with an outcome: succeeded, failed, cancelled or stopped."""
+        """Close an attempt with an outcome: succeeded, failed, cancelled, stopped or interrupted."""
         if outcome not in OUTCOMES:
             raise ValueError(f"attempt outcome {outcome!r} is not one of {', '.join(sorted(OUTCOMES))}")
         with self._tx() as session:
-            attempt = session.scalars(
-                select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number).with_for_update()
-            ).first()
-            if attempt is None:
-                raise KeyError(f"{job_id} attempt {number}")
+            attempt = self._locked_attempt(session, job_id, number)
             attempt.finished_at = utcnow()
             attempt.outcome = outcome
             attempt.reason = reason
+
+    def set_recovery(self, job_id: str, number: int, seconds: float) -> None:
+        """Record how long the attempt took to resume training after the failure before it."""
+        with self._tx() as session:
+            self._locked_attempt(session, job_id, number).recovery_s = float(seconds)
+
+    @staticmethod
+    def _locked_attempt(session: Session, job_id: str, number: int) -> Attempt:
+        query = select(Attempt).where(Attempt.job_id == job_id, Attempt.number == number).with_for_update()
+        attempt = session.scalars(query).first()
+        if attempt is None:
+            raise KeyError(f"{job_id} attempt {number}")
+        return attempt
+
+    def close_open_attempts(self, job_id: str, outcome: str, reason: str) -> int:
+        """Finish every attempt of the job that has no outcome yet (left by a service that died)."""
+        with self._tx() as session:
+            rows = session.scalars(
+                select(Attempt).where(Attempt.job_id == job_id, Attempt.outcome.is_(None)).with_for_update()
+            ).all()
+            for attempt in rows:
+                attempt.finished_at, attempt.outcome, attempt.reason = utcnow(), outcome, reason
+            return len(rows)
 
     def attempts(self, job_id: str) -> list[AttemptRecord]:
         query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number, Attempt.id)

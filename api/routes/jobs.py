@@ -15,7 +15,7 @@ from api.deps import CallerDep, StoreDep
 from api.schemas import JobList, JobPublic, JobSummary
 from parallel.config import ConfigError, build_config
 from service.states import TERMINAL, JobState
-from service.store import EventRecord, JobRecord, LogRecord, MetricRecord
+from service.store import AttemptRecord, EventRecord, JobRecord, LogRecord, MetricRecord
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -115,6 +115,13 @@ def events(
 def logs(job_id: str, store: StoreDep, caller: CallerDep, after_id: Annotated[int, Query(ge=0)] = 0) -> list[LogRecord]:
     _get(store, job_id, caller)
     return store.logs(job_id, after_id=after_id)
+
+
+@router.get("/{job_id}/attempts", response_model=list[AttemptRecord])
+def attempts(job_id: str, store: StoreDep, caller: CallerDep) -> list[AttemptRecord]:
+    """Each attempt: when it ran, how it ended and why, and how long it took to resume after a failure."""
+    _get(store, job_id, caller)
+    return store.attempts(job_id)
 
 
 @router.get("/{job_id}/stream")

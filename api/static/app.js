@@ -78,8 +78,21 @@ async function showJob(id) {
     document.getElementById("events").append(li);
   };
   const addLog = (l) => { document.getElementById("logs").textContent += `${l.line}\n`; };
+  // Each attempt: how it ended and why (a failure's cause), and how long the restart took to train again.
+  const showAttempts = async () => {
+    const body = document.querySelector("#attempts tbody");
+    body.replaceChildren();
+    for (const a of await api(`/v1/jobs/${id}/attempts`)) {
+      const tr = document.createElement("tr");
+      tr.append(cell(String(a.number), "num"), cell(a.started_at.slice(0, 19)), cell((a.finished_at ?? "").slice(0, 19)),
+        cell(a.outcome ?? "running", `outcome ${a.outcome ?? "running"}`), cell(a.reason ?? ""),
+        cell(a.recovery_s === null ? "-" : `recovered in ${a.recovery_s.toFixed(1)} s`, "num"));
+      body.append(tr);
+    }
+  };
   drawCharts(rows);
   const job = await render();
+  await showAttempts();
   if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
     (await api(`/v1/jobs/${id}/events`)).forEach(addEvent);
     (await api(`/v1/jobs/${id}/logs`)).forEach(addLog);
@@ -91,9 +104,9 @@ async function showJob(id) {
     const m = JSON.parse(ev.data);
     if (!seen.has(m.step)) { seen.add(m.step); rows.push(m); drawCharts(rows); }
   });
-  source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); });
+  source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); showAttempts(); });
   source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
-  source.addEventListener("end", () => { source.close(); render(); });
+  source.addEventListener("end", () => { source.close(); render(); showAttempts(); });
 }
 
 const jobId = params.get("job");

@@ -40,7 +40,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     job, _ = store.create_job(spec, owner="local", name="dashboard-demo")
     for state in (JobState.STARTING, JobState.RUNNING):
         store.transition(job.id, state, "test")
+    failed = store.start_attempt(job.id)  # a first attempt that failed, then a restart that recovered
+    store.finish_attempt(job.id, failed, "failed", "worker process died: rank 1 on node 0a1b2c3d4e5f")
+    for state in (JobState.RESTARTING, JobState.STARTING, JobState.RUNNING):
+        store.transition(job.id, state, "test")
     attempt = store.start_attempt(job.id)
+    store.set_recovery(job.id, attempt, 3.21)
     rows = [
         {"step": s, "loss": 5.5 - 0.4 * s, "grad_norm": 1.0, "lr": 1e-3, "tokens_per_s": 1000.0 + s, "tflops": 0.1,
          "mfu": 0.3, "step_time_s": 0.2, "peak_mem_bytes": 1}
@@ -48,6 +53,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     ]  # fmt: skip
     store.add_metrics(job.id, rows, attempt)
     store.append_logs(job.id, ["step 3/3 | loss 4.3000"])
+    store.finish_attempt(job.id, attempt, "succeeded", "finished 3 steps")
     store.transition(job.id, JobState.SUCCEEDED, "finished 3 steps")
     port = _port()
     server = uvicorn.Server(uvicorn.Config(create_app(Settings(data_dir=tmp), store=store), host="127.0.0.1",
@@ -94,6 +100,8 @@ def test_job_page_draws_the_loss_chart(served: tuple[str, str]) -> None:
     loss_chart = dom[dom.index('id="chart-loss"') :]
     assert "main-svg" in loss_chart[:20000]  # plotly rendered an SVG inside the loss chart
     assert "finished 3 steps" in dom and "step 3/3 | loss 4.3000" in dom
+    attempts = dom[dom.index('id="attempts"') :]
+    assert "worker process died: rank 1 on node 0a1b2c3d4e5f" in attempts and "recovered in 3.2 s" in attempts
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / "dashboard-job.png"

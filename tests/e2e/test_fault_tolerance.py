@@ -102,8 +102,11 @@ def test_killed_worker_restarts_from_checkpoint(api, tmp_path: Path) -> None:
     assert 0 <= first_last - resumed_at <= 3, (first_last, resumed_at)
     ref_losses, got = losses(client, ref), losses(client, job)
     assert sorted(got) == list(range(1, 13))
-    assert abs(got[12] - ref_losses[12]) <= 1e-4 * abs(ref_losses[12])
+    assert abs(got[12] - ref_losses[12]) <= 1e-4
     assert "fourfold_recovery_seconds_count 1.0" in client.get("/metrics").text
+    recovery = store.attempts(job)[1].recovery_s  # stored with the attempt that recovered, shown on the job page
+    assert recovery is not None and 0 < recovery < 120
+    assert client.get(f"/v1/jobs/{job}/attempts").json()[1]["recovery_s"] == recovery
 
 
 def test_stalled_rank_is_detected_and_the_job_restarts(api, tmp_path: Path, monkeypatch) -> None:
@@ -114,13 +117,13 @@ def test_stalled_rank_is_detected_and_the_job_restarts(api, tmp_path: Path, monk
     done = wait(client, job, {"SUCCEEDED", "FAILED"}, timeout_s=300)
     assert done["state"] == "SUCCEEDED", done["failure_reason"]
     failure = next(e for e in client.get(f"/v1/jobs/{job}/events").json() if e["kind"] == "failure")
-    assert "hang: no heartbeat for" in failure["message"]
-    assert "rank 1 (last phase stalled-by-test-hook, step 3)" in failure["message"]
-    stalled_at = marker.stat().st_mtime
+    assert failure["message"].startswith("hang: no progress for")
+    assert "rank 1 (last phase stalled-by-test-hook, step 3" in failure["message"]
+    stalled_at = float(marker.read_text())  # written by the rank as it stalled
     from datetime import datetime
 
     detected = datetime.fromisoformat(failure["time"]).timestamp()
-    assert detected - stalled_at <= 15 + 10 + 30  # hang_timeout_s + 10 s, plus the ranks' start-up before step 3
+    assert 15 <= detected - stalled_at <= 15 + 10, detected - stalled_at  # within hang_timeout_s + 10 s
 
 
 def test_a_job_that_always_fails_ends_failed_with_the_cause(api) -> None:
@@ -145,8 +148,13 @@ def test_service_killed_and_started_again_finishes_the_job_once(cluster, tmp_pat
     try:
         client = httpx.Client(base_url=base, timeout=10)
         _until(lambda: client.get("/healthz").status_code == 200)
-        job = client.post("/v1/jobs", json=spec("survivor", 14, tmp_path / "ckpt", every=3)).json()["id"]
+        # Long enough that Ray removes the dead service's ranks before they could finish on their own.
+        job = client.post("/v1/jobs", json=spec("survivor", 60, tmp_path / "ckpt", every=3)).json()["id"]
         wait(client, job, {"RUNNING"}, step=5)
+        import ray
+
+        old_pids = [ray.get(ray.get_actor(f"fourfold:{job}:{r}", namespace="fourfold").where.remote())["pid"]
+                    for r in range(2)]  # fmt: skip
         service.send_signal(signal.SIGKILL)
         service.wait(timeout=30)
         service = subprocess.Popen(up, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -156,7 +164,14 @@ def test_service_killed_and_started_again_finishes_the_job_once(cluster, tmp_pat
         events = client.get(f"/v1/jobs/{job}/events").json()
         assert [e["to_state"] for e in events].count("SUCCEEDED") == 1
         assert any("the service restarted" in e["message"] for e in events)
-        assert sorted(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json()) == list(range(1, 15))
+        assert sorted(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json()) == list(range(1, 61))
+        for pid in old_pids:  # the first attempt's ranks are gone: nothing ran twice
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        attempts = client.get(f"/v1/jobs/{job}/attempts").json()
+        assert [a["outcome"] for a in attempts] == ["interrupted", "succeeded"]
+        resumed = min(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json() if m["attempt"] == 2)
+        assert resumed > 3  # from a checkpoint, not from the start
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=60)

@@ -66,8 +66,8 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
     submit = lambda spec, prio=0: api.post("/v1/jobs", json={**spec, "priority": prio}).json()["id"]  # noqa: E731
     d = submit(_spec("long", 400, checkpoint={"dir": str(tmp_path / "ckpt-d"), "every": 1000}))
     _wait(api, d, {"RUNNING"})
-    a = submit(_spec("short", 3))
-    _wait(api, a, {"STARTING", "RUNNING", "SUCCEEDED"})
+    a = submit(_spec("short", 30))  # long enough to still hold its slots while C is submitted
+    _wait(api, a, {"RUNNING"})
     c = submit(_spec("waits", 3))
     time.sleep(1)
     assert api.get(f"/v1/jobs/{c}").json()["state"] == "QUEUED"  # no room: the gang waits whole
@@ -87,9 +87,9 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
 
     jobs = {j["id"]: j for j in api.get("/v1/jobs", params={"limit": 50}).json()["items"]}
     assert jobs[high]["started_at"] < jobs[low]["started_at"]
-    for job_id in (a, high, low):
+    for job_id, n in ((a, 30), (high, 3), (low, 3)):
         steps = [m["step"] for m in api.get(f"/v1/jobs/{job_id}/metrics").json()]
-        assert steps == [1, 2, 3]
+        assert steps == list(range(1, n + 1))
         assert any("loss" in line["line"] for line in api.get(f"/v1/jobs/{job_id}/logs").json())
     assert jobs[c]["attempts"] == 0
     stopped_at = api.get(f"/v1/jobs/{d}/metrics").json()[-1]["step"]
