@@ -40,23 +40,33 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
+            if isinstance(detail, list):  # FastAPI's validation errors: say field and reason, not JSON
+                detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
             raise fail(f"{r.status_code}: {detail if isinstance(detail, str) else json.dumps(detail)}")
         return r.json()
 
     @app.command()
     def up(
-        host: str = "127.0.0.1",
-        port: int = 8000,
+        host: Annotated[str | None, typer.Option(help="default: FOURFOLD_HOST, else 127.0.0.1")] = None,
+        port: Annotated[int | None, typer.Option(help="default: FOURFOLD_PORT, else 8000")] = None,
         data_dir: Annotated[Path | None, typer.Option(help="store, pid file and logs")] = None,
         detach: Annotated[bool, typer.Option(help="run in the background")] = False,
     ) -> None:
         """Start the service: a local Ray head (unless RAY_ADDRESS names one), the store and the API."""
+        from pydantic import ValidationError
+
         from service.settings import Settings
 
-        kw = {"host": host, "port": port, **({"data_dir": data_dir} if data_dir else {})}
-        settings = Settings(**kw)
+        given = {"host": host, "port": port, "data_dir": data_dir}
+        try:
+            settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise fail(f"settings: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+        host, port = settings.host, settings.port
         if not settings.auth_enabled and host not in ("127.0.0.1", "localhost"):
             raise fail(f"--host {host}: no tokens are configured (FOURFOLD_TOKENS), so only 127.0.0.1 is allowed")
+        open_notice = "fourfold: no tokens configured: no authentication, listening on 127.0.0.1 only"
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         pid_file = settings.data_dir / "fourfold.pid"
         url = f"http://{host}:{port}/"
@@ -77,6 +87,8 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
                     raise fail(f"the service exited (code {proc.returncode}); see {settings.data_dir / 'service.log'}")
                 try:
                     if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                        if not settings.auth_enabled:
+                            typer.echo(open_notice)
                         typer.echo(f"fourfold is up (pid {proc.pid}); dashboard: {url}")
                         return
                 except httpx.HTTPError:
@@ -87,7 +99,7 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
         from api.app import create_app
 
         if not settings.auth_enabled:
-            typer.echo("fourfold: no tokens configured: no authentication, listening on 127.0.0.1 only")
+            typer.echo(open_notice)
         pid_file.write_text(str(os.getpid()))
         typer.echo(f"fourfold: dashboard at {url}  (store: {settings.db_url})", err=False)
         try:
@@ -109,10 +121,13 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
         except ProcessLookupError:
             pid_file.unlink(missing_ok=True)
             raise fail(f"process {pid} is gone; removed the stale {pid_file}") from None
-        for _ in range(120):
-            if not pid_file.exists():
-                break
+        # Running jobs stop at a step boundary and checkpoint first (up to 30 s), then it exits.
+        deadline = time.monotonic() + 90
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise fail(f"fourfold (pid {pid}) did not stop within 90 s; `kill -9 {pid}` ends it")
             time.sleep(0.5)
+        pid_file.unlink(missing_ok=True)
         typer.echo(f"stopped fourfold (pid {pid})")
 
     @app.command()
@@ -124,8 +139,10 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
             raise fail(f"{file}: no such file")
         try:
             spec = yaml.safe_load(file.read_text()) or {}
+        except (OSError, UnicodeError) as err:
+            raise fail(f"{file}: cannot read it as text ({err})") from None
         except yaml.YAMLError as err:
-            raise fail(f"{file}: not valid YAML ({err})") from None
+            raise fail(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
         if priority is not None and isinstance(spec, dict):
             spec["priority"] = priority
         job = call("POST", "/v1/jobs", json=spec)
@@ -134,7 +151,11 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
     @app.command()
     def jobs(state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None) -> None:
         """List jobs, newest first."""
-        data = call("GET", "/v1/jobs", params={"state": state} if state else {})
+        from service.states import JobState
+
+        if state is not None and state.upper() not in JobState.__members__:
+            raise fail(f"--state {state}: not a job state; valid: {', '.join(JobState.__members__)}")
+        data = call("GET", "/v1/jobs", params={"state": state.upper()} if state else {})
         typer.echo(f"{'ID':<12}  {'NAME':<16}  {'STATE':<10}  {'PRIO':>4}  {'OWNER':<10}  CREATED")
         for j in data["items"]:
             typer.echo(
@@ -163,11 +184,14 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
         """Print a job's log; --follow shows a live progress bar until the job ends."""
         after = 0
         while True:
-            for line in call("GET", f"/v1/jobs/{job_id}/logs", params={"after_id": after}):
+            page = call("GET", f"/v1/jobs/{job_id}/logs", params={"after_id": after})
+            for line in page:
                 after = line["id"]
                 if not follow:
                     typer.echo(line["line"])
             if not follow:
+                if page:
+                    continue  # the server pages; read to the end
                 return
             j = call("GET", f"/v1/jobs/{job_id}")
             _bar(j)
@@ -177,6 +201,21 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
                     raise typer.Exit(1)
                 return
             time.sleep(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A child of ours that exited (the detached service) lingers as a zombie until reaped.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
 
 
 def _bar(j: dict) -> None:

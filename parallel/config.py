@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,10 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # allow_inf_nan: a YAML `.inf` or a JSON `Infinity` is never a valid setting.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 # Llama-3-style dimensions. `tiny` is sized for multi-rank CPU tests: 8 query heads
@@ -174,9 +177,7 @@ class MetricsConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, populate_by_name=True
-    )
+    model_config = ConfigDict(**_Section.model_config, populate_by_name=True)
 
     dir: str | None = None
     """Where checkpoints go (local path or fsspec URL such as s3://bucket/run); null = no checkpoints."""
@@ -197,8 +198,17 @@ class ResourcesConfig(_Section):
 
     accelerator: Literal["cpu", "gpu"] = "cpu"
     """What each rank runs on: one GPU per rank (nccl), or CPU slots (gloo)."""
-    cpus_per_rank: int = Field(1, ge=1)
-    """CPUs each rank takes; on a CPU cluster a node's CPUs divided by this are its slots."""
+    cpus_per_rank: float = Field(1, gt=0)
+    """CPUs each rank takes (a whole number, or a fraction below 1 to put several ranks on a CPU);
+    on a CPU cluster a node's CPUs divided by this are its slots."""
+
+    @field_validator("cpus_per_rank")
+    @classmethod
+    def _ray_quantity(cls, c: float) -> float:
+        # Ray takes fractional CPUs only below 1 (and to 4 decimals); above, whole CPUs.
+        if (c > 1 and c != int(c)) or round(c, 4) != c:
+            raise ValueError("use a whole number, or a fraction below 1 with at most 4 decimals")
+        return c
 
 
 class RestartConfig(_Section):
@@ -213,8 +223,8 @@ class RestartConfig(_Section):
 
 
 class Config(_Section):
-    name: str = "fourfold"
-    """A name for the run."""
+    name: str = Field("fourfold", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    """A name for the run (up to 200 characters, no control characters)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -330,7 +340,8 @@ def _format_validation(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown field; valid: {', '.join(_known_keys(first['loc'][:-1]))}"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    text = repr(value)
+    shown = "" if isinstance(value, dict) else f" (got {text if len(text) <= 80 else text[:77] + '...'})"
     return f"{loc}: {msg}{shown}"
 
 

@@ -52,7 +52,7 @@ def admit(
         cfg, plan = fitted
         for node in plan.nodes():
             n = len(plan.on_node(node))
-            free[node]["CPU"] = free[node].get("CPU", 0) - n * cfg.resources.cpus_per_rank
+            free[node]["CPU"] = round(free[node].get("CPU", 0) - n * cfg.resources.cpus_per_rank, 4)
             if cfg.resources.accelerator == "gpu":
                 free[node]["GPU"] = free[node].get("GPU", 0) - n
         out.append(Decision(job.id, "start", cfg, plan))

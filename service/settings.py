@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     poll_s: float = 0.5
     """How often the supervisor looks at queued and running jobs."""
 
+    @field_validator("tokens")
+    @classmethod
+    def _token_pairs(cls, tokens: str) -> str:
+        for pair in filter(None, (p.strip() for p in tokens.split(","))):
+            token, sep, user = pair.partition(":")
+            if not sep or not token or not user:
+                raise ValueError(f"{pair[:4]}...: not token:user (FOURFOLD_TOKENS=token:user,token:user)")
+        return tokens
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'fourfold.db'}"
@@ -42,9 +51,7 @@ class Settings(BaseSettings):
         """token -> user; the admin token maps to `admin`."""
         users = {}
         for pair in filter(None, (p.strip() for p in self.tokens.split(","))):
-            token, sep, user = pair.partition(":")
-            if not sep or not token or not user:
-                raise ValueError(f"FOURFOLD_TOKENS: {pair!r} is not token:user")
+            token, _, user = pair.partition(":")
             users[token] = user
         if self.admin_token:
             users[self.admin_token] = "admin"

@@ -107,7 +107,7 @@ class WorkerGroup:
         gpu = res.accelerator == "gpu"
         for node in nodes:
             n = len(plan.on_node(node))
-            self.bundles.append((node, {"CPU": n * res.cpus_per_rank, **({"GPU": n} if gpu else {})}))
+            self.bundles.append((node, {"CPU": round(n * res.cpus_per_rank, 4), **({"GPU": n} if gpu else {})}))
         self.pg = placement_group(
             [b for _, b in self.bundles], strategy="STRICT_SPREAD", name=f"fourfold:{self.job_id}",
             bundle_label_selector=[{NODE_ID_LABEL_KEY: node} for node in nodes],
@@ -152,7 +152,7 @@ class WorkerGroup:
         master = ray.get(self.actors[0].where.remote(), timeout=LAUNCH_TIMEOUT_S)["host"]
         port = ray.get(self.actors[0].free_port.remote(), timeout=LAUNCH_TIMEOUT_S)
         env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-        env.setdefault("OMP_NUM_THREADS", str(res.cpus_per_rank))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, int(res.cpus_per_rank))))
         if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ""
         spec = spec if spec is not None else self.cfg.model_dump(mode="json", by_alias=True)

@@ -16,6 +16,7 @@ bundle index (and the local rank).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from parallel.config import ConfigError, ParallelConfig, ResourcesConfig
@@ -68,7 +69,7 @@ def unit_of(res: ResourcesConfig) -> str:
 def slots_of(node_resources: dict[str, float], res: ResourcesConfig) -> int:
     """How many ranks a node's resources hold: its GPUs (with cpus_per_rank CPUs each), or its
     CPUs divided by cpus_per_rank on a CPU cluster."""
-    cpu = int(node_resources.get("CPU", 0) // res.cpus_per_rank)
+    cpu = math.floor(node_resources.get("CPU", 0) / res.cpus_per_rank + 1e-9)  # 2 / 0.1 is 19.999...
     return min(int(node_resources.get("GPU", 0)), cpu) if res.accelerator == "gpu" else cpu
 
 

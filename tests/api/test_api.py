@@ -68,24 +68,66 @@ def test_submit_json_and_yaml_then_read_back(open_api: TestClient) -> None:
         ({**SPEC, "colour": "red"}, None, "colour: unknown field"),
         ({**SPEC, "priority": "high"}, None, "priority: must be an integer"),
         ("[1, 2]", "application/json", "body: a job spec must be a mapping"),
-        ("model: {preset: [", "application/yaml", "body: not valid JSON or YAML"),
+        ("model: {preset: [", "application/yaml", "body: not valid YAML (while parsing a flow node)"),
     ],
     ids=["tp-not-dividing-heads", "negative-lr", "unknown-field", "bad-priority", "not-a-mapping", "broken-yaml"],
 )
 def test_a_spec_the_engine_would_refuse_is_422(open_api: TestClient, body, content_type, message: str) -> None:
+    before = open_api.get("/v1/jobs").json()["total"]
     if content_type is None:
         r = open_api.post("/v1/jobs", json=body)
     else:
         r = open_api.post("/v1/jobs", content=body, headers={"Content-Type": content_type})
     assert r.status_code == 422, r.text
     assert message in r.json()["detail"]
-    assert open_api.get("/v1/jobs").json()["total"] == 0 or all(
-        j["name"] != "refused" for j in open_api.get("/v1/jobs").json()["items"]
-    )
+    assert open_api.get("/v1/jobs").json()["total"] == before  # nothing was stored
+
+
+# Inputs that once reached the database as they were: each must be a clear 4xx on both databases.
+ODD_BODIES = {
+    "empty": (b"", "application/json", 422, "body: empty"),
+    "infinity": (b'{"train": {"lr": Infinity}}', "application/json", 422, "Infinity is not a number a job spec can hold"),
+    "yaml-inf": (b"train: {lr: .inf}", "application/yaml", 422, "train.lr: Input should be a finite number"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "application/json", 422, "body:"),
+    "long-name": (b'{"name": "' + b"x" * 201 + b'"}', "application/json", 422, "name: String should have at most 200"),
+    "nul-in-name": (b'{"name": "a\\u0000b"}', "application/json", 422, "name: contains a NUL character"),
+    "nul-in-path": (b'{"data": {"source": "text", "path": "/x\\u0000"}}', "application/json", 422,
+                    "data.path: contains a NUL character"),
+    "yaml-as-json": (b"name: x\n", "application/json", 422, "for YAML send Content-Type: application/yaml"),
+    "huge": (b'{"name": "' + b"x" * (1 << 20) + b'"}', "application/json", 413, "a job spec is under 1 MiB"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ODD_BODIES)
+def test_odd_bodies_are_refused_not_500(open_api: TestClient, case: str) -> None:
+    body, content_type, code, message = ODD_BODIES[case]
+    r = open_api.post("/v1/jobs", content=body, headers={"Content-Type": content_type})
+    assert r.status_code == code, r.text[:500]
+    assert message in r.json()["detail"], r.json()["detail"][:500]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "message"),
+    [
+        ("/v1/jobs", {"offset": 10**20}, "less than or equal to 2147483647"),
+        ("/v1/jobs/{id}/metrics", {"after_step": 10**20}, "less than or equal to 2147483647"),
+        ("/v1/jobs/{id}/events", {"after_id": 2**63}, "less than or equal to 2147483647"),
+        ("/v1/jobs", {"status": "RUNNING"}, "query: unknown parameter status; valid: limit, offset, state"),
+        ("/v1/jobs", [("state", "QUEUED"), ("state", "RUNNING")], "query: state given more than once"),
+    ],
+    ids=["huge-offset", "huge-step", "huge-id", "unknown-param", "repeated-param"],
+)
+def test_odd_queries_are_422(open_api: TestClient, path: str, params, message: str) -> None:
+    job = open_api.post("/v1/jobs", json=SPEC).json()["id"]
+    r = open_api.get(path.format(id=job), params=params)
+    assert r.status_code == 422, r.text
+    assert message in str(r.json()["detail"])
 
 
 def test_unknown_ids_and_bad_queries(open_api: TestClient) -> None:
     assert open_api.get("/v1/jobs/nope").status_code == 404
+    assert open_api.get("/v1/jobs/a%00b").status_code == 404
+    assert open_api.get("/v1/jobs/" + "0" * 32 + "/attempts").status_code == 404
     assert open_api.post("/v1/jobs/nope/cancel").status_code == 404
     assert open_api.get("/v1/jobs/nope/metrics").status_code == 404
     assert open_api.get("/v1/jobs", params={"state": "SLEEPING"}).status_code == 422
@@ -98,6 +140,10 @@ def test_idempotency_key_gives_one_job(open_api: TestClient) -> None:
     again = open_api.post("/v1/jobs", json=SPEC, headers=key)
     assert (first.status_code, again.status_code) == (201, 200)
     assert first.json()["id"] == again.json()["id"]
+    other = open_api.post("/v1/jobs", json={**SPEC, "name": "another"}, headers=key)
+    assert other.status_code == 422 and "was used for job " + first.json()["id"] in other.json()["detail"]
+    empty = open_api.post("/v1/jobs", json=SPEC, headers={"Idempotency-Key": ""})
+    assert empty.status_code == 422
 
 
 def test_cancel_a_queued_job(open_api: TestClient) -> None:
@@ -127,3 +173,47 @@ def test_health_and_prometheus(open_api: TestClient) -> None:
     assert 'fourfold_jobs{state="QUEUED"}' in text and "fourfold_queue_length" in text
     assert "fourfold_http_request_seconds_bucket" in text
     assert open_api.get("/v1/cluster").json() == {"connected": False, "nodes": []}
+
+
+def test_stream_replays_a_finished_job_then_ends(db_url: str, tmp_path: Path) -> None:
+    """Server-sent events of a job: its metrics, events and log lines, then `end` with the state."""
+    from service.states import JobState
+
+    with _client(db_url, tmp_path, tokens="a-token:alice,b-token:bob") as client:
+        job = client.post("/v1/jobs", json=SPEC, headers=ALICE).json()["id"]
+        store = client.app.state.store
+        for state in (JobState.STARTING, JobState.RUNNING):
+            store.transition(job, state, "test")
+        attempt = store.start_attempt(job)
+        store.add_metrics(job, [{"step": s, "loss": 5.0 - s} for s in (1, 2)], attempt)
+        store.append_logs(job, ["step 2/3 | loss 3.0000"])
+        store.transition(job, JobState.FAILED, "boom")
+        with client.stream("GET", f"/v1/jobs/{job}/stream", headers=ALICE) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            kinds = [line.removeprefix("event: ").strip() for line in r.iter_lines() if line.startswith("event:")]
+        assert kinds == ["metrics", "metrics", "event", "event", "event", "event", "log", "end"]
+        assert client.get(f"/v1/jobs/{job}/stream", headers=BOB).status_code == 404
+
+
+def test_service_metrics_per_job() -> None:
+    from service.metrics import ServiceMetrics
+
+    m = ServiceMetrics()
+    m.observe_step("j1", {"step": 3, "loss": 4.5, "tokens_per_s": 1000.0, "mfu": 0.25, "step_time_s": 0.5})
+    m.restarts.labels(job="j1").inc()
+    m.observe_recovery("j1", 7.5)
+    text = m.render().decode()
+    for line in ('fourfold_job_loss{job="j1"} 4.5', 'fourfold_job_tokens_per_second{job="j1"} 1000.0',
+                 'fourfold_job_mfu{job="j1"} 0.25', 'fourfold_job_step_seconds{job="j1"} 0.5',
+                 'fourfold_job_restarts_total{job="j1"} 1.0', 'fourfold_job_last_recovery_seconds{job="j1"} 7.5',
+                 "fourfold_recovery_seconds_count 1.0"):  # fmt: skip
+        assert line in text, line
+    m.forget("j1")
+    assert 'fourfold_job_loss{job="j1"}' not in m.render().decode()  # an ended job's series go
+
+
+def test_malformed_tokens_setting_is_one_clear_error(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not token:user"):
+        Settings(data_dir=tmp_path, tokens="alice-token")

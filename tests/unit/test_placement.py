@@ -147,3 +147,11 @@ def test_slots_from_node_resources(have: dict, accelerator: str, cpus_per_rank: 
     res = ResourcesConfig(accelerator=accelerator, cpus_per_rank=cpus_per_rank)
     assert slots_of(have, res) == slots
     assert nodes_for({"n1": have}, res) == [Node("n1", slots)]
+
+
+def test_fractional_cpus_per_rank_give_several_slots_per_cpu() -> None:
+    from parallel.config import ResourcesConfig
+    from workers.placement import slots_of
+
+    assert slots_of({"CPU": 2.0}, ResourcesConfig(cpus_per_rank=0.125)) == 16
+    assert slots_of({"CPU": 2.0}, ResourcesConfig(cpus_per_rank=0.1)) == 20  # not 19 from float division
