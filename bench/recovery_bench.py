@@ -30,6 +30,15 @@ import ray  # noqa: E402
 from parallel.config import build_config  # noqa: E402
 
 KILL_AT = 5
+DEADLINE_S = 300.0  # every wait below gives up after this long, with the reason
+
+
+def _until(check, what: str, timeout_s: float = DEADLINE_S) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"recovery_bench: {what} did not happen within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def job_spec(ckpt: Path, steps: int) -> dict:
@@ -55,14 +64,12 @@ def fourfold_once(tmp: Path, steps: int) -> float:
     sup.start()
     job, _ = store.create_job(job_spec(tmp / "ckpt", steps), owner="bench", name="recovery")
     try:
-        while not [m for m in store.metrics(job.id) if m.step >= KILL_AT]:
-            time.sleep(0.05)
+        _until(lambda: any(m.step >= KILL_AT for m in store.metrics(job.id)), f"step {KILL_AT}")
         victim = ray.get_actor(f"fourfold:{job.id}:1", namespace="fourfold")
-        pid = ray.get(victim.where.remote())["pid"]
+        pid = ray.get(victim.where.remote(), timeout=60)["pid"]
         killed = time.time()
         os.kill(pid, signal.SIGKILL)
-        while store.get_job(job.id).state not in TERMINAL:
-            time.sleep(0.2)
+        _until(lambda: store.get_job(job.id).state in TERMINAL, "the end of the job")
         assert store.get_job(job.id).state == "SUCCEEDED", store.get_job(job.id).failure_reason
         resumed = min(m.time.timestamp() for m in store.metrics(job.id) if m.attempt == 2)
         return resumed - killed
@@ -102,14 +109,14 @@ def ray_train_once(tmp: Path, steps: int) -> float:
     killed: list[float] = []
 
     def killer() -> None:
-        while True:
+        def reached() -> bool:
             rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-            if any(r["step"] >= KILL_AT for r in rows):
-                pid = int(Path(f"{log}.pid1").read_text())
-                killed.append(time.time())
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
+            return any(r["step"] >= KILL_AT for r in rows)
+
+        _until(reached, f"step {KILL_AT} under Ray Train")
+        pid = int(Path(f"{log}.pid1").read_text())
+        killed.append(time.time())
+        os.kill(pid, signal.SIGKILL)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -124,7 +131,8 @@ def ray_train_once(tmp: Path, steps: int) -> float:
     trainer.fit()
     thread.join(timeout=5)
     rows = [json.loads(x) for x in log.read_text().splitlines()]
-    assert rows[-1]["step"] == steps
+    if not killed or rows[-1]["step"] != steps:
+        raise RuntimeError(f"recovery_bench: Ray Train's run ended at step {rows[-1]['step']}, killed={bool(killed)}")
     return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0]
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from parallel.checkpoint import latest_complete, list_checkpoints, read_meta
+from parallel.checkpoint import list_checkpoints
 from parallel.config import Config, build_config
 from service.metrics import ServiceMetrics
 from service.recovery import backoff_s, fit, resume_spec
@@ -331,10 +331,13 @@ class Supervisor:
 
     def _backfill_metrics(self, job_id: str, ckpt_dir: str | None, attempt: int) -> None:
         """Steps the old attempt trained and checkpointed but whose metrics never reached the store
-        (the service died first) are in the checkpoint's meta.json; the restart resumes after them."""
-        path = latest_complete(ckpt_dir) if ckpt_dir else None
-        if path is not None and attempt > 0:
-            self.store.add_metrics(job_id, read_meta(path).get("metrics", []), attempt)
+        (the service died first) are in the checkpoints' meta.json, each holding the steps since the
+        one before; the restart resumes after the newest. Every checkpoint retention kept is read."""
+        if not ckpt_dir or attempt < 1:
+            return
+        for c in list_checkpoints(ckpt_dir):
+            if c.complete:
+                self.store.add_metrics(job_id, c.meta.get("metrics", []), attempt)
 
     def _record_checkpoints(self, job_id: str, cfg: Config) -> None:
         if cfg.checkpoint.dir:

@@ -91,7 +91,7 @@ class WorkerGroup:
         plan: made by the caller (the service plans on the free slots it tracks); default: on
         the cluster's totals."""
         self.reserve(plan)
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
+        ready, _ = ray.wait([self._ready], timeout=self.ready_timeout_s)
         if not ready:
             message = self.not_ready()
             self.teardown()
@@ -113,9 +113,11 @@ class WorkerGroup:
             bundle_label_selector=[{NODE_ID_LABEL_KEY: node} for node in nodes],
         )  # fmt: skip
         self.reserved_at = time.monotonic()
+        # One ref, made once: a fresh `pg.ready()` checked with timeout=0 is never resolved yet.
+        self._ready = self.pg.ready()
 
     def is_ready(self) -> bool:
-        ready, _ = ray.wait([self.pg.ready()], timeout=0)
+        ready, _ = ray.wait([self._ready], timeout=0)
         return bool(ready)
 
     def not_ready(self) -> str:

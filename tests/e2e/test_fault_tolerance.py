@@ -141,6 +141,10 @@ def test_service_killed_and_started_again_finishes_the_job_once(cluster, tmp_pat
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "FOURFOLD_URL": f"http://127.0.0.1:{port}"}
     env.pop("FOURFOLD_TEST_STALL", None)
+    # From step 6 on the ranks wait after each step until `release` exists: the first attempt is
+    # still mid-run when the service dies, however fast the machine, and the second one resumes.
+    release = tmp_path / "release"
+    env["FOURFOLD_TEST_HOLD"] = f"6:{release}"
     up = [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "svc")]
     log = open(tmp_path / "svc.log", "ab")  # noqa: SIM115
     service = subprocess.Popen(up, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -148,9 +152,8 @@ def test_service_killed_and_started_again_finishes_the_job_once(cluster, tmp_pat
     try:
         client = httpx.Client(base_url=base, timeout=10)
         _until(lambda: client.get("/healthz").status_code == 200)
-        # Long enough that Ray removes the dead service's ranks before they could finish on their own.
-        job = client.post("/v1/jobs", json=spec("survivor", 60, tmp_path / "ckpt", every=3)).json()["id"]
-        wait(client, job, {"RUNNING"}, step=5)
+        job = client.post("/v1/jobs", json=spec("survivor", 14, tmp_path / "ckpt", every=3)).json()["id"]
+        wait(client, job, {"RUNNING"}, step=6)
         import ray
 
         old_pids = [ray.get(ray.get_actor(f"fourfold:{job}:{r}", namespace="fourfold").where.remote())["pid"]
@@ -159,19 +162,22 @@ def test_service_killed_and_started_again_finishes_the_job_once(cluster, tmp_pat
         service.wait(timeout=30)
         service = subprocess.Popen(up, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         _until(lambda: client.get("/healthz").status_code == 200)
+        _until(lambda: client.get(f"/v1/jobs/{job}").json()["attempts"] == 2)
+        wait(client, job, {"RUNNING"}, step=7)  # the new attempt trains (and holds after its first step)
+        release.touch()
         done = wait(client, job, {"SUCCEEDED", "FAILED"}, timeout_s=300)
         assert done["state"] == "SUCCEEDED", done["failure_reason"]
         events = client.get(f"/v1/jobs/{job}/events").json()
         assert [e["to_state"] for e in events].count("SUCCEEDED") == 1
         assert any("the service restarted" in e["message"] for e in events)
-        assert sorted(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json()) == list(range(1, 61))
+        assert sorted(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json()) == list(range(1, 15))
         for pid in old_pids:  # the first attempt's ranks are gone: nothing ran twice
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
         attempts = client.get(f"/v1/jobs/{job}/attempts").json()
         assert [a["outcome"] for a in attempts] == ["interrupted", "succeeded"]
         resumed = min(m["step"] for m in client.get(f"/v1/jobs/{job}/metrics").json() if m["attempt"] == 2)
-        assert resumed > 3  # from a checkpoint, not from the start
+        assert resumed == 7  # from the checkpoint of step 6, not from the start
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=60)

@@ -5,6 +5,7 @@ and is cancelled while queued; L (priority 0) then H (priority 10) wait; when A 
 starts first; D is cancelled while running (and saves a checkpoint); then L runs.
 """
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,20 +65,35 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
     import ray
 
     submit = lambda spec, prio=0: api.post("/v1/jobs", json={**spec, "priority": prio}).json()["id"]  # noqa: E731
+    # The test hook FOURFOLD_TEST_HOLD=STEP:FILE, read when a job's ranks launch, makes them wait after
+    # each step from STEP on until FILE exists or a stop is requested: D until it is cancelled, A until
+    # the test releases it, so neither can finish early however fast the machine.
+    release_a = tmp_path / "release-a"
+    os.environ["FOURFOLD_TEST_HOLD"] = f"2:{tmp_path / 'never'}"
     d = submit(_spec("long", 400, checkpoint={"dir": str(tmp_path / "ckpt-d"), "every": 1000}))
     _wait(api, d, {"RUNNING"})
-    a = submit(_spec("short", 30))  # long enough to still hold its slots while C is submitted
+    os.environ["FOURFOLD_TEST_HOLD"] = f"2:{release_a}"
+    a = submit(_spec("short", 30))
     _wait(api, a, {"RUNNING"})
+    del os.environ["FOURFOLD_TEST_HOLD"]
     c = submit(_spec("waits", 3))
     time.sleep(1)
     assert api.get(f"/v1/jobs/{c}").json()["state"] == "QUEUED"  # no room: the gang waits whole
     assert api.post(f"/v1/jobs/{c}/cancel").json()["state"] == "CANCELLED"
     low = submit(_spec("low", 3), 0)
     high = submit(_spec("high", 3), 10)
+    time.sleep(1)
+    assert api.get(f"/v1/jobs/{high}").json()["state"] == "QUEUED"
+    release_high = tmp_path / "release-high"
+    os.environ["FOURFOLD_TEST_HOLD"] = f"2:{release_high}"  # H (and L, once released) hold after step 2
+    release_a.touch()
 
     assert _wait(api, a, {"SUCCEEDED", "FAILED"})["state"] == "SUCCEEDED"
-    _wait(api, high, {"RUNNING", "SUCCEEDED"})
+    _wait(api, high, {"RUNNING"})
+    time.sleep(1)
     assert api.get(f"/v1/jobs/{low}").json()["state"] == "QUEUED"  # submitted first, but lower priority
+    release_high.touch()
+    del os.environ["FOURFOLD_TEST_HOLD"]
 
     api.post(f"/v1/jobs/{d}/cancel")
     long_job = _wait(api, d, {"CANCELLED", "FAILED"})
