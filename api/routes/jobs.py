@@ -182,13 +182,18 @@ def attempts(job_id: str, store: StoreDep, caller: CallerDep) -> list[AttemptRec
 
 @router.get("/{job_id}/stream")
 async def stream(job_id: str, store: StoreDep, caller: CallerDep, request: Request) -> EventSourceResponse:
-    """Server-sent events: `metrics` (one step), `event` (a state change), `log`, then `end`."""
+    """Server-sent events: `metrics` (one step; after a restart, steps again as the new attempt
+    trains them), `event` (a state change), `log`, then `end`."""
     await run_in_threadpool(_get, store, job_id, caller)
 
     async def produce():  # noqa: ANN202
-        step = event_id = log_id = 0
+        step = event_id = log_id = attempts = 0
         while not await request.is_disconnected():
             job = await run_in_threadpool(store.get_job, job_id)
+            if job is not None and job.attempts != attempts:
+                # A new attempt trains steps again from its checkpoint: send every step again, each
+                # as its newest attempt logged it (clients replace a step they had).
+                step, attempts = 0, job.attempts
             for m in await run_in_threadpool(store.metrics, job_id, step):
                 step = m.step
                 yield {"event": "metrics", "data": m.model_dump_json()}

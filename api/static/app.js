@@ -61,7 +61,6 @@ async function showJob(id) {
   document.getElementById("jobs-view").hidden = true;
   document.getElementById("job-view").hidden = false;
   const rows = await api(`/v1/jobs/${id}/metrics`);
-  const seen = new Set(rows.map((m) => m.step));
   const render = async () => {
     const j = await api(`/v1/jobs/${id}`);
     document.getElementById("job-title").textContent = `${j.name} (${j.id})`;
@@ -100,9 +99,13 @@ async function showJob(id) {
   }
   // Live: the server-sent events stream replays events and logs, then follows new steps.
   const source = new EventSource(`/v1/jobs/${id}/stream` + (token ? `?access_token=${encodeURIComponent(token)}` : ""));
+  // A step already drawn is replaced by the newest attempt's row (a restart trains steps again).
   source.addEventListener("metrics", (ev) => {
     const m = JSON.parse(ev.data);
-    if (!seen.has(m.step)) { seen.add(m.step); rows.push(m); drawCharts(rows); }
+    const at = rows.findIndex((r) => r.step === m.step);
+    if (at < 0) rows.push(m); else if (rows[at].attempt <= m.attempt) rows[at] = m; else return;
+    rows.sort((a, b) => a.step - b.step);
+    drawCharts(rows);
   });
   source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); showAttempts(); });
   source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
