@@ -53,16 +53,18 @@ class RankRunner:
         self._at_checkpoint = False
 
     def where(self) -> dict[str, Any]:
-        """This rank's node (Ray node id when under Ray), host address and process id."""
-        node_id = None
+        """This rank's node (Ray node id when under Ray), host address, process id, and the GPU ids
+        Ray assigned it (empty for a CPU rank)."""
+        node_id, gpus = None, []
         try:
             import ray
 
             if ray.is_initialized():
                 node_id = ray.get_runtime_context().get_node_id()
+                gpus = [str(g) for g in ray.get_gpu_ids()]
         except ImportError:
             pass
-        return {"rank": self.rank, "node_id": node_id, "host": _host_address(), "pid": os.getpid()}
+        return {"rank": self.rank, "node_id": node_id, "host": _host_address(), "pid": os.getpid(), "gpus": gpus}
 
     def free_port(self) -> int:
         return free_port()

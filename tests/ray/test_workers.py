@@ -17,6 +17,7 @@ from workers.worker import RankRunner
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 NODE_CPUS = 2
+NODE_GPUS = 2
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def cluster():
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     for _ in range(3):
-        c.add_node(num_cpus=NODE_CPUS)
+        # Two GPUs per node stand in for accelerators: Ray hands out their ids, torch (a CPU build
+        # here) finds no CUDA, so a "GPU" job places and accounts like one and trains on gloo.
+        c.add_node(num_cpus=NODE_CPUS, num_gpus=NODE_GPUS)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
     yield c
@@ -51,8 +54,8 @@ def _assert_nothing_left(timeout_s: float = 30.0) -> None:
     while True:
         actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
-        cpus = ray.available_resources().get("CPU", 0)
-        if not actors and not groups and cpus == 3 * NODE_CPUS:
+        cpus, gpus = ray.available_resources().get("CPU", 0), ray.available_resources().get("GPU", 0)
+        if not actors and not groups and cpus == 3 * NODE_CPUS and gpus == 3 * NODE_GPUS:
             return
         assert time.monotonic() < deadline, f"left behind: actors {actors}, placement groups {groups}, CPUs free {cpus}"
         time.sleep(0.5)
@@ -98,6 +101,26 @@ def test_metrics_arrive_while_the_job_runs_and_a_hard_teardown_leaves_nothing(cl
     finally:
         os.environ.pop("FOURFOLD_TEST_HOLD")
         group.teardown()
+    _assert_nothing_left()
+
+
+def test_a_gpu_job_takes_one_gpu_per_rank_and_tp_groups_share_a_node(cluster) -> None:
+    """resources.accelerator=gpu: bundles ask for GPUs, each rank gets its own GPU id from Ray, and a
+    TP group's ranks sit on one node (whose two GPUs they take)."""
+    cfg = _cfg("parallel.dp=2", "parallel.tp=2", "resources.accelerator=gpu", steps=2)
+    group = WorkerGroup(cfg, job_id="gpus")
+    try:
+        group.start()
+        assert [b for _, b in group.bundles] == [{"CPU": 2, "GPU": 2}] * 2
+        where = {w["rank"]: w for w in group.where()}
+        status = group.wait(timeout_s=240)
+    finally:
+        group.teardown()
+    assert status.state == "succeeded", status.error
+    assert all(len(w["gpus"]) == 1 for w in where.values())
+    for a, b in ((0, 1), (2, 3)):  # a TP group: one node, two different GPUs of it
+        assert where[a]["node_id"] == where[b]["node_id"] and where[a]["gpus"] != where[b]["gpus"]
+    assert where[0]["node_id"] != where[2]["node_id"]
     _assert_nothing_left()
 
 
