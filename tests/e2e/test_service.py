@@ -115,6 +115,11 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
     text = api.get("/metrics").text
     assert 'fourfold_jobs{state="SUCCEEDED"} 3.0' in text and 'fourfold_jobs{state="CANCELLED"} 2.0' in text
 
+    cluster = api.get("/v1/cluster").json()  # what the scheduler sees: every node, nothing held now
+    assert cluster["connected"] and cluster["running_jobs"] == []
+    workers = [n for n in cluster["nodes"] if n["total"].get("CPU", 0) > 0]
+    assert len(workers) == 2 and all(n["free"]["CPU"] == n["total"]["CPU"] == NODE_CPUS for n in workers)
+
     deadline = time.monotonic() + 30
     while True:  # nothing of ours left on the cluster
         actors = [x for x in ray.util.list_named_actors(all_namespaces=True) if x["namespace"] == "fourfold"]
