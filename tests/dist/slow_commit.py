@@ -12,8 +12,7 @@ import time
 
 from torch.distributed.checkpoint import FileSystemWriter
 
-from parallel import checkpoint
-from parallel.train import main
+from parallel import checkpoint, train
 
 SLOW_S = float(os.environ.get("FOURFOLD_TEST_SLOW_S", "60"))
 AT = os.environ.get("FOURFOLD_TEST_SLOW_AT", "rename")
@@ -46,5 +45,7 @@ elif AT == "rename":
 else:
     checkpoint._publish = _slow_publish
 
+train.LAUNCH_MODULE = "tests.dist.slow_commit"  # ranks launched with --nproc-per-node are slowed too
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train.main())

@@ -91,20 +91,28 @@ def test_retention_keeps_last_two(tmp_path: Path) -> None:
 WINDOWS = {"shards": "step-00000004.tmp", "rename": "step-00000004.tmp", "marker": "step-00000004"}
 
 
-@pytest.mark.parametrize("window", WINDOWS)
-def test_killed_mid_write_resumes_from_previous(window: str, tmp_path: Path) -> None:
-    """SIGKILL while step 4's checkpoint is being written: step 2's is used and the run finishes."""
+@pytest.mark.parametrize(
+    ("window", "ranks"),
+    [("shards", 1), ("rename", 1), ("marker", 1), ("shards", 2)],
+    ids=["shards", "rename", "marker", "shards-2-ranks"],
+)
+def test_killed_mid_write_resumes_from_previous(window: str, ranks: int, tmp_path: Path) -> None:
+    """SIGKILL while step 4's checkpoint is being written (every process of the run at once, as a
+    lost machine would): step 2's is used and the run finishes."""
     ckpt = tmp_path / "ckpt"
     env = {**os.environ, "FOURFOLD_TEST_SLOW_AT": window, "FOURFOLD_TEST_SLOW_S": "60"}
     args = [sys.executable, "-m", "tests.dist.slow_commit", "--set", f"checkpoint.dir={ckpt}",
             "--set", "checkpoint.every=2", "--set", "train.steps=6"]  # fmt: skip
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if ranks > 1:
+        args += ["--nproc-per-node", str(ranks), "--set", f"parallel.dp={ranks}"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not (ckpt / WINDOWS[window]).exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.05)
     time.sleep(1.0)  # in the middle of writing step 4
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
     proc.wait(timeout=30)
     assert (ckpt / WINDOWS[window]).exists() and not (ckpt / "step-00000004" / "meta.json").exists()
     assert [c.step for c in list_checkpoints(str(ckpt)) if c.complete] == [2]
