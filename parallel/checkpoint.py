@@ -68,9 +68,7 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem of a local path or fsspec URL, and the path within it."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except ImportError as err:  # e.g. s3:// without s3fs installed
-        raise CheckpointError(f"checkpoint.dir={url}: {err}") from None
-    except ValueError as err:  # an unknown protocol
+    except (ImportError, ValueError) as err:  # s3:// without s3fs installed; an unknown protocol
         raise CheckpointError(f"checkpoint.dir={url}: {err}") from None
     return fs, path.rstrip("/")
 
@@ -242,6 +240,14 @@ def _strip(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU one and, once CUDA is in use, the current device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 class Checkpointer:
     """Saves and loads one rank's share; every rank calls every method in the same order."""
 
@@ -261,7 +267,7 @@ class Checkpointer:
         return {
             "model": dict(self.named),
             "optim": {n: states[id(p)] for n, p in self.named if id(p) in states},
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {f"rank{self.rank}": _rng_state()},  # each rank's own generators
         }
 
     # -- saving --------------------------------------------------------------------
@@ -276,7 +282,7 @@ class Checkpointer:
         self.finish()  # one save in flight at a time
         tmp = _join(self.cfg.checkpoint.dir, f"step-{step:08d}.tmp")
         self._on_rank0(f"cannot prepare {tmp}", lambda: _prepare(tmp))
-        meta = {"step": step, **extra}
+        meta = {"step": step, **extra, "rng": {"ranks": dist.get_world_size(), "kinds": sorted(_rng_state())}}
         try:
             if self.cfg.checkpoint.async_ and not wait:
                 future = dcp.async_save(self._state(), storage_writer=_writer(tmp), process_group=self.group)
@@ -363,7 +369,8 @@ class Checkpointer:
         """Load weights, optimizer states and RNG from `path` into this rank's layout."""
         meta = read_meta(path)
         template = {n: {k: torch.zeros_like(p) for k in STATE_KEYS} for n, p in self.named}
-        state = {"model": dict(self.named), "optim": template, "rng": {"torch": torch.get_rng_state()}}
+        rng_key, rng = self._rng_template(meta)
+        state = {"model": dict(self.named), "optim": template, "rng": {rng_key: rng}}
         try:
             with torch.no_grad():
                 dcp.load(state, storage_reader=_reader(path), process_group=self.group)
@@ -378,4 +385,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: cannot be loaded, {why}") from err
         by_id = {id(p): template[n] for n, p in self.named}
         self.optimizer.import_states(by_id, meta["step"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+
+    def _rng_template(self, meta: dict[str, Any]) -> tuple[str, Any]:
+        """Which saved generator state this rank takes: its own where the rank grid is the same
+        as at the save, rank 0's otherwise (a rank of another grid has no counterpart)."""
+        saved = meta["rng"]
+        grid = ("pp", "dp", "dp_replicate", "cp", "tp")
+        now = self.cfg.parallel.model_dump()
+        same = saved["ranks"] == dist.get_world_size() and all(meta["layout"].get(k) == now[k] for k in grid)
+        here = _rng_state()
+        return f"rank{self.rank if same else 0}", {k: here[k] for k in saved["kinds"] if k in here}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from parallel.checkpoint import CheckpointError, list_checkpoints, read_meta, retained
 from tests.dist.harness import BASE, run_layout, spawn
@@ -104,3 +105,39 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path: Pat
 )
 def test_retention_rules(steps: list[int], keep_last: int, keep_every: int | None, kept: set[int]) -> None:
     assert retained(steps, keep_last, keep_every) == kept
+
+
+def _rng_round_trip(rank: int, world: int, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each rank its own generator state, save it, scramble it, resume at the same grid:
+    the state saved and the state the resumed trainer left behind."""
+    from parallel.config import apply_overrides, build_config
+    from parallel.trainer import Trainer
+
+    sets = ["train.steps=2", f"checkpoint.dir={root}", f"parallel.dp={world}"]
+    trainer = Trainer(build_config(apply_overrides(copy.deepcopy(BASE), sets)))
+    torch.manual_seed(1000 + rank)
+    saved = torch.get_rng_state()
+    trainer.checkpointer.save(1, trainer.checkpoint_meta(), wait=True)
+    torch.manual_seed(0)
+    Trainer(build_config(apply_overrides(copy.deepcopy(BASE), [*sets, f"checkpoint.resume={root}/step-00000001"])))
+    return saved, torch.get_rng_state()
+
+
+def _rng_after_resume(rank: int, world: int, path: str) -> torch.Tensor:
+    from parallel.config import apply_overrides, build_config
+    from parallel.trainer import Trainer
+
+    Trainer(build_config(apply_overrides(copy.deepcopy(BASE), [f"checkpoint.resume={path}"])))
+    return torch.get_rng_state()
+
+
+def test_each_rank_resumes_its_own_rng_state(tmp_path: Path) -> None:
+    """Ranks with different generator states get their own back at the same grid; one process
+    resuming the same checkpoint (another grid) takes rank 0's."""
+    (saved0, got0), (saved1, got1) = spawn(_rng_round_trip, 2, tmp_path, str(tmp_path / "ckpt"))
+    assert not torch.equal(saved0, saved1)
+    assert torch.equal(got0, saved0) and torch.equal(got1, saved1)
+    step1 = str(tmp_path / "ckpt" / "step-00000001")
+    assert read_meta(step1)["rng"] == {"ranks": 2, "kinds": ["cpu"]}
+    [alone] = spawn(_rng_after_resume, 1, tmp_path, step1)
+    assert torch.equal(alone, saved0)
