@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE_ALLOWED = {"torch", "pydantic", "yaml", "numpy", "parallel"}
 # Named by issue #4: checkpoint storage "through fsspec" (itself a dependency of torch) and the
 # Hugging Face export in safetensors. Both only move bytes to and from files; no Ray, web or database.
-ENGINE_EXCEPTIONS = {"parallel/checkpoint.py": {"fsspec"}, "parallel/hf.py": {"safetensors"}}
+ENGINE_EXCEPTIONS = {"parallel/ckpt_storage.py": {"fsspec"}, "parallel/hf.py": {"safetensors"}}
 
 
 def _imports(path: Path) -> set[str]:
