@@ -21,11 +21,13 @@ from parallel.config import ParallelConfig
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-def init_distributed(timeout_s: float) -> torch.device:
+def init_distributed(timeout_s: float, store: dist.Store | None = None) -> torch.device:
     """Join the process group torchrun (or a Ray worker) described in the environment.
 
-    Without RANK/WORLD_SIZE this is a single process: a group of one on an in-memory
-    store, so the same code path runs with or without a launcher."""
+    `store`: a rendezvous store this rank already holds (rank 0 under Ray opens it on a port
+    of its own choosing, so no other process can take the port first); RANK and WORLD_SIZE
+    still come from the environment. Without RANK/WORLD_SIZE this is a single process: a
+    group of one on an in-memory store, so the same code path runs with or without a launcher."""
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -33,7 +35,10 @@ def init_distributed(timeout_s: float) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         timeout = timedelta(seconds=timeout_s)
-        if "RANK" in os.environ:
+        if store is not None:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        elif "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -152,7 +152,7 @@ class WorkerGroup:
                 ).remote(r.rank, world, 0 if gpu else r.bundle, queue.put_nowait)
             )  # fmt: skip
         master = ray.get(self.actors[0].where.remote(), timeout=LAUNCH_TIMEOUT_S)["host"]
-        port = ray.get(self.actors[0].free_port.remote(), timeout=LAUNCH_TIMEOUT_S)
+        port = ray.get(self.actors[0].open_rendezvous.remote(self.cfg.parallel.timeout_s), timeout=LAUNCH_TIMEOUT_S)
         env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(res.cpus_per_rank))))
         if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 Report = Callable[[dict[str, Any]], None]
@@ -34,12 +35,6 @@ Report = Callable[[dict[str, Any]], None]
 
 class StopRequested(Exception):
     """Raised inside the training loop to leave it at a step boundary."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class RankRunner:
@@ -51,6 +46,7 @@ class RankRunner:
         self.step, self.phase = 0, "starting"
         self.trainer: Any = None
         self._at_checkpoint = False
+        self._store: Any = None  # rank 0's rendezvous store, from open_rendezvous()
 
     def where(self) -> dict[str, Any]:
         """This rank's node (Ray node id when under Ray), host address, process id, and the GPU ids
@@ -66,8 +62,24 @@ class RankRunner:
             pass
         return {"rank": self.rank, "node_id": node_id, "host": _host_address(), "pid": os.getpid(), "gpus": gpus}
 
-    def free_port(self) -> int:
-        return free_port()
+    def open_rendezvous(self, timeout_s: float) -> int:
+        """Rank 0: open the job's rendezvous store and keep it until run() joins the process group
+        through it; returns its port for the other ranks. The socket is bound here, to this node's
+        address only (127.0.0.1 on a local cluster) and on a port the system picks, and handed to
+        the store: a store left to bind by itself listens on every interface, and a free port
+        looked up first and bound later (env://) can be taken by another process in between."""
+        import torch.distributed as dist
+
+        host = _host_address()
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.bind((host, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        self._store = dist.TCPStore(
+            host, port, self.world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False, master_listen_fd=listener.detach(),
+        )  # fmt: skip
+        return port
 
     def request_stop(self, at_checkpoint: bool = False) -> None:
         """Stop after the current step (saving a checkpoint of it when checkpoints are on), or with
@@ -106,6 +118,7 @@ class RankRunner:
         import torch.distributed as dist
 
         from parallel.config import build_config
+        from parallel.mesh import init_distributed
         from parallel.trainer import Trainer
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -116,6 +129,10 @@ class RankRunner:
         stopped, trainer, control = False, None, None
         try:
             cfg = build_config(spec, world_size=self.world_size)
+            if self._store is None:  # ranks > 0: clients of rank 0's store
+                wait = timedelta(seconds=cfg.parallel.timeout_s)
+                self._store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=wait)
+            init_distributed(cfg.parallel.timeout_s, store=self._store)
             trainer = self.trainer = Trainer(cfg)
             self.step = trainer.step
             control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
@@ -163,6 +180,7 @@ class RankRunner:
                 trainer.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            self._store = None
         self.phase = "done"
         self._send_beat()
         return {"rank": self.rank, "step": self.step, "stopped": stopped}

@@ -268,8 +268,24 @@ def _listening() -> list[tuple[str, str]]:
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 
-def test_ray_listens_on_loopback_only(cluster) -> None:
-    """Every server the simulated cluster started (GCS, raylets, workers) is bound to 127.0.0.1."""
-    ours = [(name, addr) for name, addr in _listening() if "ray" in name or name in ("gcs_server", "raylet")]
-    assert ours, "found no Ray server sockets to check"
-    assert all(addr in LOOPBACK for _, addr in ours), [x for x in ours if x[1] not in LOOPBACK]
+def test_ray_and_the_ranks_listen_on_loopback_only(cluster, tmp_path: Path) -> None:
+    """Every server the simulated cluster started (GCS, raylets, workers), and every one a job's
+    ranks opened (the rendezvous store, gloo), is bound to 127.0.0.1: checked while the ranks
+    of a job are alive, held after their first step."""
+    release = tmp_path / "release"
+    os.environ["FOURFOLD_TEST_HOLD"] = f"1:{release}"
+    group = WorkerGroup(_cfg("parallel.dp=2", steps=2), job_id="loopback")
+    try:
+        group.start()
+        deadline = time.monotonic() + 120
+        while not any(m["step"] == 1 for m in group.poll(timeout_s=0.2).metrics):
+            assert time.monotonic() < deadline, "the job did not train its first step"
+        ours = [(name, addr) for name, addr in _listening() if "ray" in name or name in ("gcs_server", "raylet")]
+        assert any(name == "ray::RankRunner" for name, _ in ours), ours  # the rendezvous store, at least
+        assert all(addr in LOOPBACK for _, addr in ours), [x for x in ours if x[1] not in LOOPBACK]
+        release.touch()
+        assert group.wait(timeout_s=120).state == "succeeded"
+    finally:
+        os.environ.pop("FOURFOLD_TEST_HOLD")
+        group.teardown()
+    _assert_nothing_left()
