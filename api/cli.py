@@ -37,9 +37,9 @@ def _fail(message: str) -> typer.Exit:
 )
 def train(ctx: typer.Context) -> None:
     """Train with the engine; the options are those of `python -m parallel.train --help`."""
-    from parallel.train import main
+    from parallel.train import exit_with, main
 
-    raise typer.Exit(main(list(ctx.args)))
+    exit_with(main(list(ctx.args)))
 
 
 def _size(n: int) -> str:

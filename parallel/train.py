@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from parallel.config import Config, ConfigError, load_config
 
@@ -140,5 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_with(code: int) -> NoReturn:
+    """Leave the process with `code` once main() has cleaned up (metrics file closed, process
+    groups destroyed), skipping the interpreter's teardown: there, C++ threads that torch's gloo
+    backend still holds can end the process with SIGABRT ("terminate called without an active
+    exception") after it has finished, turning a clean exit into a crash now and then (seen under
+    load, after a refused checkpoint). Python's own buffers are flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

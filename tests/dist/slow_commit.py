@@ -7,7 +7,6 @@ the process there. FOURFOLD_TEST_SLOW_AT picks the moment:
 """
 
 import os
-import sys
 import time
 
 from torch.distributed.checkpoint import FileSystemWriter
@@ -48,4 +47,4 @@ else:
 train.LAUNCH_MODULE = "tests.dist.slow_commit"  # ranks launched with --nproc-per-node are slowed too
 
 if __name__ == "__main__":
-    sys.exit(train.main())
+    train.exit_with(train.main())
