@@ -151,7 +151,13 @@ class Trainer:
         t, p, lay = self.cfg.train, self.cfg.parallel, self.layout
         hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
         if p.zero == 3:
-            return FSDPAdamW(self.parts, lay.dp_mesh, lay.group("cp"), norm_groups=lay.groups("pp"), **hyper)
+            # Under pipelining, blocks stay unsharded from forward to the end of the step (as
+            # torchtitan does): each micro-batch would otherwise all-gather them again, and the
+            # zero-bubble schedule's split backward needs it for correctness (see FSDPAdamW).
+            return FSDPAdamW(
+                self.parts, lay.dp_mesh, lay.group("cp"), norm_groups=lay.groups("pp"),
+                reshard_after_forward=p.pp == 1, **hyper,
+            )  # fmt: skip
         named = [(n, q) for part in self.parts for n, q in part.named_parameters() if q.requires_grad]
         # The squared norm adds up over disjoint pieces: tp shards and pipeline stages
         # always, dp_shard slices from stage 1 on (stage 0 keeps whole gradients everywhere).

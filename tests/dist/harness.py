@@ -55,9 +55,47 @@ def _stop_after(step: int):  # noqa: ANN202
     return check
 
 
-def _worker(
-    rank: int, world: int, port: int, overrides: list[str], out: str, extra: str | None, stop_after: int | None
-) -> None:
+def _memory_probe(trainer: Any) -> dict[str, int]:
+    """Wrap the optimizer so the bytes of parameters, gradients and optimizer states are sampled
+    inside the step: after each micro-batch's backward (before its gradients are reduced, so
+    ZeRO-2's whole gradients are seen), after each reduction, and around the update itself.
+    Returns the dict that will hold each kind's peak; bytes count each storage once (slices and
+    views of one buffer share it)."""
+    from parallel.data_parallel import _local
+
+    opt, peak = trainer.optimizer, {"params": 0, "grads": 0, "optimizer": 0}
+
+    def unique_bytes(ts: list[torch.Tensor]) -> int:
+        seen = {_local(t).untyped_storage().data_ptr(): _local(t).untyped_storage().nbytes() for t in ts}
+        return sum(seen.values())
+
+    def sample() -> None:
+        held = {
+            "params": unique_bytes([p for m in trainer.parts for p in m.parameters()]),
+            "grads": unique_bytes(opt.grad_tensors()),
+            "optimizer": unique_bytes(opt.state_tensors()),
+        }
+        for kind, n in held.items():
+            peak[kind] = max(peak[kind], n)
+
+    def sampled(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sample()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sample()
+
+        return wrapper
+
+    opt.after_backward = sampled(opt.after_backward)
+    opt.opt.step = sampled(opt.opt.step)  # gradients attached and clipped; states after the update
+    return peak
+
+
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[list[str], str, str | None, int | None]]) -> None:
+    """Run each (overrides, out, extra, stop_after) job in turn on one process group: a batch of
+    layouts of one world size pays the processes' start and torch's import once."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -68,6 +106,14 @@ def _worker(
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    for overrides, out, extra, stop_after in jobs:
+        _run_one(rank, world, overrides, out, extra, stop_after)
+    dist.destroy_process_group()
+
+
+def _run_one(rank: int, world: int, overrides: list[str], out: str, extra: str | None, stop_after: int | None) -> None:
     import copy
 
     import torch.distributed as dist
@@ -77,8 +123,9 @@ def _worker(
 
     cfg = build_config(apply_overrides(copy.deepcopy(BASE), overrides), world_size=world)
     stop = _stop_after(stop_after) if stop_after else None
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # joins the process group on the first job, reuses it after
     initial = trainer.full_state_dict() if extra == "initial" else None  # the weights before step 1
+    peak = _memory_probe(trainer) if extra == "memory" else None
     history: list[dict] = []
     # _Stop: an interruption after a step (and its checkpoint), as a killed job would see it
     with contextlib.suppress(_Stop):
@@ -86,28 +133,50 @@ def _worker(
     if trainer.checkpointer is not None:
         trainer.checkpointer.finish()  # a background save of the last step lands, as at a graceful stop
     result: dict[str, Any] = {"history": history, "weights": trainer.full_state_dict(), "initial": initial}
-    if extra == "memory":
-        from parallel.data_parallel import memory_breakdown
-
-        result["memory"] = memory_breakdown(trainer.parts, trainer.optimizer)
+    if peak is not None:
         all_mem: list[Any] = [None] * world
-        dist.all_gather_object(all_mem, result["memory"])
-        result["memory_all"] = all_mem
+        dist.all_gather_object(all_mem, peak)
+        result["memory"], result["memory_all"] = peak, all_mem
     if rank == 0:
         torch.save(result, out)
     trainer.close()
-    dist.destroy_process_group()
 
 
 def run_layout(
     world: int, overrides: list[str], tmp: Path, extra: str | None = None, stop_after: int | None = None
 ) -> dict[str, Any]:
     """Train BASE + overrides on `world` ranks; return rank 0's history and full weights.
-    stop_after=N interrupts the run after step N (its checkpoint, if due, is written)."""
-    out = str(tmp / f"result-{world}-{abs(hash(tuple(overrides)))}-{stop_after}.pt")
-    args = (world, free_port(), overrides, out, extra, stop_after)
-    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
-    return torch.load(out, weights_only=False)
+    stop_after=N interrupts the run after step N (its checkpoint, if due, is written).
+    extra="initial" adds the weights before step 1; extra="memory" the peak bytes of
+    parameters, gradients and optimizer states inside the step, per rank."""
+    return run_layouts(world, {"one": overrides}, tmp, extra, stop_after)["one"]
+
+
+def run_layouts(
+    world: int, layouts: dict[str, list[str]], tmp: Path, extra: str | None = None, stop_after: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """run_layout for several layouts of one world size, one after another in one set of processes."""
+    outs = {
+        name: str(tmp / f"result-{world}-{abs(hash(tuple(o)))}-{extra}-{stop_after}.pt") for name, o in layouts.items()
+    }
+    jobs = [(o, outs[name], extra, stop_after) for name, o in layouts.items()]
+    mp.start_processes(_worker, args=(world, free_port(), jobs), nprocs=world, start_method="spawn")
+    return {name: torch.load(out, weights_only=False) for name, out in outs.items()}
+
+
+class LayoutResults:
+    """Results of a table {name: (world, overrides)}, computed on first use a whole world size at
+    a time (one set of processes per world size instead of one per layout)."""
+
+    def __init__(self, table: dict[str, tuple[int, list[str]]], tmp: Path) -> None:
+        self.table, self.tmp, self.done = table, tmp, {}
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self.done:
+            world = self.table[name][0]
+            todo = {n: o for n, (w, o) in self.table.items() if w == world and n not in self.done}
+            self.done |= run_layouts(world, todo, self.tmp)
+        return self.done[name]
 
 
 def compare(ref: dict[str, Any], got: dict[str, Any], loss_rtol: float = 1e-4, weight_atol: float = 1e-5) -> None:

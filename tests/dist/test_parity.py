@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.harness import compare, run_layout
+from tests.dist.harness import LayoutResults, compare, run_layout
 
 pytestmark = pytest.mark.dist
 
@@ -33,11 +33,14 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def results(results_dir: Path) -> LayoutResults:
+    return LayoutResults(LAYOUTS, results_dir)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process(layout: str, single_process: dict, results_dir: Path) -> None:
-    world, overrides = LAYOUTS[layout]
-    got = run_layout(world, overrides, results_dir)
-    compare(single_process, got)
+def test_layout_matches_single_process(layout: str, single_process: dict, results: LayoutResults) -> None:
+    compare(single_process, results[layout])
 
 
 def test_training_moves_the_weights(single_process: dict, results_dir: Path) -> None:
