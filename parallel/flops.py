@@ -25,6 +25,7 @@ __all__ = [
     "Accelerator",
     "achieved_tflops",
     "flops_per_token",
+    "flops_per_token_terms",
     "match_accelerator",
     "measure_cpu_matmul_tflops",
     "mfu",
@@ -72,11 +73,17 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     about half of this, so MFU by this formula may read slightly high for short-sequence-heavy work.
     Softmax, norms, RoPE, activations and the loss are elementwise and left out.
     """
+    weights, attention = flops_per_token_terms(model, seq_len)
+    return weights + attention
+
+
+def flops_per_token_terms(model: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """The two terms of `flops_per_token`, `(weights, attention)` = `(6*N, 12*L*D*S)`; they sum to it."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     n = param_count(model, include_embedding=False)
     d_attn = model.n_heads * model.head_dim
-    return float(6 * n + 12 * model.n_layers * d_attn * seq_len)
+    return float(6 * n), float(12 * model.n_layers * d_attn * seq_len)
 
 
 @dataclass(frozen=True)
