@@ -40,6 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _field_default(model: BaseModel, name: str) -> Any:
+    return type(model).model_fields[name].default
+
+
 class ModelConfig(_Section):
     preset: Literal["tiny", "debug", "125m", "1b", "8b", "70b"] | None = "tiny"
     """Named size (tiny, debug, 125m, 1b, 8b, 70b). Explicit fields below override it."""
@@ -92,7 +96,8 @@ class ModelConfig(_Section):
 
 class ParallelConfig(_Section):
     dp: int = Field(1, ge=1)
-    """Data-parallel degree in all (dp_replicate x dp_shard)."""
+    """Data-parallel degree in all (dp_replicate x dp_shard); left unset under torchrun or --nproc-per-node
+    it is world size / (tp * pp * cp), the one value that fills the processes launched, else 1."""
     tp: int = Field(1, ge=1)
     """Tensor-parallel degree (with sequence parallel); a TP group is consecutive ranks."""
     pp: int = Field(1, ge=1)
@@ -104,9 +109,11 @@ class ParallelConfig(_Section):
     dp_replicate: int = Field(1, ge=1)
     """Replicas in hybrid sharding (HSDP): ZeRO shards within dp/dp_replicate ranks and replicates across."""
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv"] = "1f1b"
-    """Pipeline schedule."""
+    """Pipeline schedule; left unset with pp > 1 and pp_virtual >= 3 it is interleaved_1f1b (the one that
+    runs that many stages per rank)."""
     pp_virtual: int = Field(1, ge=1)
-    """Model chunks per pipeline rank (interleaved schedules)."""
+    """Model chunks per pipeline rank (interleaved schedules); left unset it is 2 with pp_schedule=zbv
+    and pp > 1 (the one value zbv takes), else 1."""
     microbatches: int | None = Field(None, ge=1)
     """Pipeline micro-batches per step; defaults to the gradient-accumulation count."""
     cp_mode: Literal["ring", "allgather"] = "ring"
@@ -117,6 +124,22 @@ class ParallelConfig(_Section):
     """How long a collective may wait before the run fails."""
     dp_min: int | None = Field(None, ge=1)
     """Elastic data parallelism: after losing room, restart with the largest dp that fits, down to this (null = dp)."""
+
+    @model_validator(mode="after")
+    def _take_the_only_valid_value(self) -> ParallelConfig:
+        # An unset field that only one value fits, given the others, takes that value instead of a
+        # default the checks would refuse. Resolved again on every assignment (validate_assignment),
+        # so a field that was filled in follows the fields it depends on; one the user set is kept
+        # and checked. dp, which depends on the world size, is filled in by check().
+        given = self.model_fields_set
+        if "pp_schedule" not in given:
+            multi = "pp_virtual" in given and self.pp > 1 and self.pp_virtual > 2
+            schedule = "interleaved_1f1b" if multi else _field_default(self, "pp_schedule")
+            object.__setattr__(self, "pp_schedule", schedule)
+        if "pp_virtual" not in given:
+            zbv = self.pp > 1 and self.pp_schedule == "zbv"
+            object.__setattr__(self, "pp_virtual", 2 if zbv else _field_default(self, "pp_virtual"))
+        return self
 
     @property
     def world_size(self) -> int:
@@ -247,6 +270,10 @@ def _divisors(n: int) -> str:
 def check(cfg: Config, world_size: int | None = None) -> Config:
     """Cross-field checks; raise ConfigError naming the field, the value and what is valid."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
+    rest = p.tp * p.pp * p.cp
+    if world_size is not None and "dp" not in p.model_fields_set and world_size % rest == 0:
+        # the one dp that fills the world; still "unset", so another world size fills it anew
+        object.__setattr__(p, "dp", world_size // rest)
     if p.dp_min is not None and p.dp_min > p.dp:
         raise ConfigError(f"parallel.dp_min={p.dp_min} is larger than parallel.dp={p.dp}; use 1 to {p.dp}")
     if m.n_heads % p.tp:
@@ -307,8 +334,9 @@ def _check_pipeline(cfg: Config) -> None:
             raise ConfigError(f"parallel.pp_virtual={p.pp_virtual} needs parallel.pp > 1 (stages per pipeline rank)")
         return
     if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual != 1:
+        multi = "interleaved_1f1b or zbv" if p.pp_virtual == 2 else "interleaved_1f1b"
         raise ConfigError(f"parallel.pp_virtual={p.pp_virtual}: pp_schedule={p.pp_schedule} runs one stage per rank; "
-                          "use pp_virtual=1, or pp_schedule=interleaved_1f1b")  # fmt: skip
+                          f"use pp_virtual=1, or pp_schedule={multi}")  # fmt: skip
     if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual < 2:
         raise ConfigError("parallel.pp_virtual=1: pp_schedule=interleaved_1f1b needs pp_virtual >= 2")
     if p.pp_schedule == "zbv" and p.pp_virtual != 2:

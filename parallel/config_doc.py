@@ -55,12 +55,14 @@ CROSS_FIELD_CHECKS = (
     "`parallel.microbatches`, when set, equals the gradient-accumulation count "
     "`global_batch / (dp * micro_batch)`; `parallel.pp_virtual` is 1 unless `pp > 1`.",
     "With `parallel.pp > 1`: `model.n_layers` is at least `pp * pp_virtual` (one layer per stage); `gpipe` and "
-    "`1f1b` take `pp_virtual: 1`, `interleaved_1f1b` at least 2, `zbv` exactly 2; the micro-batch count must "
+    "`1f1b` take `pp_virtual: 1`, `interleaved_1f1b` at least 2, `zbv` exactly 2 (an unset `pp_virtual` is 2 "
+    "with `zbv`; an unset `pp_schedule` is `interleaved_1f1b` when `pp_virtual >= 3`); the micro-batch count must "
     "be at least `pp` for `1f1b` and `interleaved_1f1b` and `2 * pp - 1` for `zbv` (and for `interleaved_1f1b` "
     "a multiple of `max(1, microbatches // pp)`).",
     "`data.path` is required for `data.source` `text` and `tokens`; the data is opened and checked before any "
     "process group exists.",
-    "`dp * tp * pp * cp` equals the number of processes launched.",
+    "`dp * tp * pp * cp` equals the number of processes launched; an unset `parallel.dp` is taken as "
+    "`world size / (tp * pp * cp)` when that divides.",
 )
 
 # Numeric bounds from Field(gt=..., ...): pydantic keeps each as a metadata object with that attribute.

@@ -10,14 +10,19 @@ Without torchrun it runs as one process, or launches N local processes itself:
 A config mistake ends with one line on stderr naming the field and exit code 2,
 before any process group exists. Launched this way the config is checked before
 any process starts, so a mistake prints that line alone; under a bare torchrun
-each rank checks it and torchrun then adds its own failure summary.
+each rank checks it, the ranks of one machine say each distinct refusal once
+(see `say_once`), and torchrun then adds its own failure summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from parallel.config import Config, ConfigError, load_config
@@ -76,6 +81,81 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _process_id(pid: int) -> str:
+    """`pid` and its start time (/proc, Linux): a pid the kernel reuses later gets another id."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        start = "0"
+    return f"{pid}-{start}"
+
+
+def _sweep(tmp: Path) -> None:
+    """Remove the say_once directories of launchers that have exited (their ranks were killed
+    before the last one could tidy up)."""
+    for old in tmp.glob("fourfold-said-*-*-*"):
+        pid, start = old.name.split("-")[2:4]
+        if pid.isdigit() and start != "0" and _process_id(int(pid)) != f"{pid}-{start}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def say_once(message: str) -> None:
+    """Print `message` on stderr, flushed, once per distinct message among the local ranks of one
+    launch (those of one torchrun agent on this machine).
+
+    Every rank that refuses says why, not just rank 0: torchrun kills the other ranks as soon as
+    the first one exits, so a rank-0-only message could be lost. The ranks take turns under an
+    exclusive lock on a file in a directory keyed by the run (torchrun's run id, restart count,
+    master address and port, and the launching process with its start time, since a bare torchrun's
+    run id is "none" and its port 29500 in every run); the first with a message prints it and then
+    leaves a marker named by the message's hash, so a rank leaves only after the message is out.
+    The last local rank removes the directory; one left by killed ranks is removed by a later run
+    once its launcher has exited. Anything failing here prints the message: twice beats never."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    said = False
+    try:
+        if local_ranks > 1:  # else one process, or a launcher that does not say who else is here
+            said = _said_before(message, local_ranks)
+    except OSError:
+        said = False
+    if not said:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _said_before(message: str, local_ranks: int) -> bool:
+    """say_once's turn-taking: True when another local rank has printed `message` or this one just
+    did; False (or an OSError) leaves the printing to the caller."""
+    import fcntl
+
+    keys = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+    run = hashlib.sha256("\0".join(os.environ.get(k, "") for k in keys).encode()).hexdigest()[:16]
+    tmp = Path(tempfile.gettempdir())
+    run_dir = tmp / f"fourfold-said-{_process_id(os.getppid())}-{run}"
+    if not run_dir.exists():
+        _sweep(tmp)
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    if run_dir.is_symlink() or run_dir.stat().st_uid != os.getuid():
+        return False  # not ours: say it ourselves
+    lock = os.open(run_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    said = False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it if this rank is killed holding it
+        marker = run_dir / hashlib.sha256(message.encode()).hexdigest()[:16]
+        said = marker.exists()
+        if not said:
+            print(message, file=sys.stderr, flush=True)
+            said = True
+            marker.touch()  # after the print: a rank killed in between means a repeat, not silence
+        (run_dir / f"done-{os.environ.get('LOCAL_RANK', os.getpid())}").touch()
+        if len(list(run_dir.glob("done-*"))) >= local_ranks:  # every local rank has had its turn
+            shutil.rmtree(run_dir, ignore_errors=True)
+    except OSError:
+        pass
+    finally:
+        os.close(lock)
+    return said
+
+
 def preflight(cfg: Config, write_probe: bool = True) -> TokenSource:
     """What can be checked before any process group exists, each mistake a ConfigError: the data
     (opened), `model.init_from`, that `checkpoint.dir` can be written (`write_probe`: one rank
@@ -104,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.checkpoint.resume = args.resume
         source = preflight(cfg, write_probe=int(os.environ.get("RANK", 0)) == 0)
     except ConfigError as err:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"fourfold: config error: {err}", file=sys.stderr)
+        say_once(f"fourfold: config error: {err}")
         return 2
     if launching:
         return _launch(args, argv)
@@ -119,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, metrics_file=args.metrics_file, source=source)
     except ConfigError as err:  # e.g. a checkpoint whose shards turn out unreadable while loading
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
+        say_once(f"fourfold: error: {err}")
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2

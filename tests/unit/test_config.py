@@ -61,3 +61,42 @@ def test_every_field_has_a_description() -> None:
                 assert field.description, f"{model.__name__}.{name} has no docstring"
 
     walk(Config)
+
+
+def test_zbv_takes_its_only_pp_virtual_when_unset() -> None:
+    cfg = build_config({"parallel": {"pp": 2, "pp_schedule": "zbv"}}, world_size=2)
+    assert cfg.parallel.pp_virtual == 2 and "pp_virtual" not in cfg.parallel.model_fields_set
+    assert build_config({"parallel": {"pp_schedule": "zbv"}}).parallel.pp_virtual == 1  # pp=1: no pipeline
+    assert build_config(cfg.model_dump(by_alias=True)).parallel.pp_virtual == 2  # a dump reads back the same
+    # filled in again when what it depends on changes (validate_assignment), unlike a value the user set
+    cfg.parallel.pp_schedule = "1f1b"
+    assert cfg.parallel.pp_virtual == 1
+
+
+@pytest.mark.parametrize("virtual", [1, 3])
+def test_zbv_refuses_an_explicit_wrong_pp_virtual(virtual: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"parallel": {"pp": 2, "pp_schedule": "zbv", "pp_virtual": virtual}})
+    assert str(err.value) == (
+        f"parallel.pp_virtual={virtual}: pp_schedule=zbv runs exactly 2 stages per rank; set pp_virtual=2"
+    )
+
+
+def test_pp_virtual_over_2_takes_the_one_schedule_that_runs_it() -> None:
+    data = {"model": {"preset": "debug"}, "parallel": {"pp": 2, "pp_virtual": 3}}
+    assert build_config(data).parallel.pp_schedule == "interleaved_1f1b"
+    # pp_virtual=2 fits interleaved_1f1b and zbv: no single answer, so it is refused and both are named
+    with pytest.raises(ConfigError, match="use pp_virtual=1, or pp_schedule=interleaved_1f1b or zbv"):
+        build_config({"parallel": {"pp": 2, "pp_virtual": 2}})
+    with pytest.raises(ConfigError, match="pp_schedule=1f1b runs one stage per rank"):  # set, so kept
+        build_config({**data, "parallel": {**data["parallel"], "pp_schedule": "1f1b"}})
+
+
+def test_unset_dp_fills_the_world() -> None:
+    cfg = load_config(None, ["parallel.tp=2"], world_size=4)
+    assert cfg.parallel.dp == 2 and cfg.parallel.world_size == 4
+    with pytest.raises(ConfigError, match=r"dp\*tp\*pp\*cp = 1\*2\*1\*1 = 2 but the world size is 4"):
+        load_config(None, ["parallel.tp=2", "parallel.dp=1"], world_size=4)  # set: checked, not replaced
+    with pytest.raises(ConfigError, match="but the world size is 3"):
+        load_config(None, ["parallel.tp=2"], world_size=3)  # no dp fills it
+    assert load_config(None, ["parallel.tp=2"]).parallel.dp == 1  # no world size known (a spec on its own)
