@@ -207,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except CommTimeout as err:  # a peer stopped answering: say who waited on what, not a traceback
         print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
         return 3
-    except CheckpointError as err:  # e.g. the disk filled up; every rank raises it, rank 0 says it
-        if trainer.rank == 0:
-            print(f"fourfold: error: {err}", file=sys.stderr, flush=True)
+    except CheckpointError as err:  # e.g. the disk filled up; every rank raises it, each message said once
+        say_once(f"fourfold: error: {err}")
         return 1
     finally:
         trainer.close()
