@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
     @app.get("/metrics", tags=["system"])
     def prometheus(store: StoreDep, metrics: MetricsDep) -> Response:
         metrics.set_counts(store.count_by_state())
+        metrics.set_queue_wait(store.oldest_queued_at())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/cluster", tags=["system"])

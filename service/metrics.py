@@ -1,13 +1,14 @@
 """Prometheus metrics of the service, in a registry of their own (one per service instance).
 
-Served at `GET /metrics`: jobs by state, queue length, each running job's latest loss,
-tokens/s, MFU, step time and recovery time, restarts, recovery times, and the API's request
-latency.
+Served at `GET /metrics`: jobs by state, queue length and how long the oldest queued job has
+waited, each running job's latest loss, tokens/s, MFU, step time and recovery time, restarts,
+recovery times, and the API's request latency.
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +21,9 @@ class ServiceMetrics:
         r = self.registry
         self.jobs = Gauge("fourfold_jobs", "Jobs by state", ["state"], registry=r)
         self.queue_length = Gauge("fourfold_queue_length", "Jobs waiting in QUEUED", registry=r)
+        self.queue_wait = Gauge(
+            "fourfold_queue_oldest_wait_seconds", "Since the oldest QUEUED job was submitted (0: none)", registry=r
+        )
         self.loss = Gauge("fourfold_job_loss", "Latest training loss", ["job"], registry=r)
         self.tokens_per_s = Gauge("fourfold_job_tokens_per_second", "Latest throughput", ["job"], registry=r)
         self.mfu = Gauge("fourfold_job_mfu", "Latest model FLOPs utilisation (0-1)", ["job"], registry=r)
@@ -44,6 +48,13 @@ class ServiceMetrics:
         for state in JobState:
             self.jobs.labels(state=state.value).set(counts.get(state, 0))
         self.queue_length.set(counts.get(JobState.QUEUED, 0))
+
+    def set_queue_wait(self, oldest_submitted: datetime | None, now: datetime | None = None) -> None:
+        """`oldest_submitted`: the store's `oldest_queued_at()`."""
+        if oldest_submitted is None:
+            self.queue_wait.set(0)
+        else:
+            self.queue_wait.set(max(0.0, ((now or datetime.now(UTC)) - oldest_submitted).total_seconds()))
 
     def observe_step(self, job_id: str, m: dict) -> None:
         self.loss.labels(job=job_id).set(m["loss"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, and_, func, select
@@ -177,6 +178,12 @@ class Store:
         )
         with self._read() as session:
             return [JobRecord.model_validate(job) for job in session.scalars(query)]
+
+    def oldest_queued_at(self) -> datetime | None:
+        """When the longest-waiting QUEUED job was submitted; None when nothing is queued."""
+        query = select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED.value)
+        with self._read() as session:
+            return session.scalar(query)
 
     def active(self) -> list[JobRecord]:
         """Jobs in STARTING, RUNNING or RESTARTING, oldest first."""

@@ -145,6 +145,7 @@ class Supervisor:
             self._restart_due()
             self._admit()
             self.metrics.set_counts(self.store.count_by_state())
+            self.metrics.set_queue_wait(self.store.oldest_queued_at())
 
     def _adopt(self, cause: str) -> None:
         """Take on active jobs that no part of this supervisor holds: remove what of theirs is

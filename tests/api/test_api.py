@@ -2,6 +2,7 @@
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,8 @@ def test_health_and_prometheus(open_api: TestClient) -> None:
     assert open_api.get("/healthz").json()["ok"] is True
     text = open_api.get("/metrics").text
     assert 'fourfold_jobs{state="QUEUED"}' in text and "fourfold_queue_length" in text
+    waited = next(line for line in text.splitlines() if line.startswith("fourfold_queue_oldest_wait_seconds "))
+    assert 0 < float(waited.split()[1]) < 60  # the job just submitted waits in the queue
     assert "fourfold_http_request_seconds_bucket" in text
     assert open_api.get("/v1/cluster").json() == {"connected": False, "nodes": []}
 
@@ -210,6 +213,10 @@ def test_service_metrics_per_job() -> None:
         assert line in text, line
     m.forget("j1")
     assert 'fourfold_job_loss{job="j1"}' not in m.render().decode()  # an ended job's series go
+    m.set_queue_wait(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), now=datetime(2026, 1, 1, 12, 30, tzinfo=UTC))
+    assert "fourfold_queue_oldest_wait_seconds 1800.0" in m.render().decode()
+    m.set_queue_wait(None)
+    assert "fourfold_queue_oldest_wait_seconds 0.0" in m.render().decode()
 
 
 def test_malformed_tokens_setting_is_one_clear_error(tmp_path: Path) -> None:

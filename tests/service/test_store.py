@@ -244,6 +244,19 @@ def test_count_by_state(store: Store) -> None:
     assert counts[S.QUEUED] == 1 and counts[S.RUNNING] == 1 and counts[S.CANCELLED] == 1 and counts[S.FAILED] == 0
 
 
+def test_oldest_queued_at(store: Store) -> None:
+    """The submission time of the longest-waiting QUEUED job, whatever its priority; None with none queued."""
+    assert store.oldest_queued_at() is None
+    first, second = submit(store), submit(store, priority=5)
+    submitted = {j.id: j.created_at for j in (store.get_job(first), store.get_job(second))}
+    assert store.oldest_queued_at() == submitted[first]
+    assert store.oldest_queued_at().utcoffset() == timedelta(0)
+    walk(store, first, S.STARTING)
+    assert store.oldest_queued_at() == submitted[second]
+    store.request_cancel(second)
+    assert store.oldest_queued_at() is None
+
+
 def test_migrations_idempotent(store: Store, url: str) -> None:
     job_id = submit(store)
     again = Store(url)  # upgrade runs again: a no-op on an up-to-date schema
