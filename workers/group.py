@@ -205,7 +205,9 @@ class WorkerGroup:
         for ref in done:
             try:
                 ray.get(ref)
-            except ray.exceptions.ActorDiedError:  # the process is gone: killed, OOM, node lost
+            # The process is gone: killed, OOM, or its node lost (a call in flight when the node's
+            # raylet died ends as ActorUnavailableError, "Socket closed", before Ray marks the actor dead).
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
                 died.append(self.futures.index(ref))
             except Exception as err:  # a rank raised
                 raised.append((self.futures.index(ref), err))

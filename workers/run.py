@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -41,10 +43,19 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    else:  # a local cluster, on loopback only (workers/__init__.py)
-        ray.init(include_dashboard=False, log_to_driver=False)
+    # ray.init replaces the main thread's SIGTERM handler with one that exits at once. A caller
+    # that installed its own (the service under uvicorn: stop the jobs at a step boundary and
+    # checkpoint, then exit) keeps it; one that had none gets Ray's.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:  # a local cluster, on loopback only (workers/__init__.py)
+            ray.init(include_dashboard=False, log_to_driver=False)
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
