@@ -48,6 +48,7 @@ log = logging.getLogger("fourfold.supervisor")
 CANCEL_GRACE_S = 60.0  # a cancelled job's ranks get this long to stop at a step boundary
 SHUTDOWN_GRACE_S = 30.0  # at service stop, ranks get this long to stop (and checkpoint) before they are killed
 READY_TIMEOUT_S = 60.0  # a placement group not ready by then fails the attempt
+NODE_VERDICT_S = 30.0  # how long a restart waits for Ray to declare dead a node whose ranks stopped answering
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Pending:
     cause: str
     detected: float | None  # monotonic time of the failure; None for a restart that is not one (growing)
     waiting_logged: bool = False
+    suspects: tuple[str, ...] = ()  # nodes whose ranks stopped answering: not planned on until Ray's verdict
+    verdict_logged: bool = False
 
 
 class Supervisor:
@@ -206,7 +209,7 @@ class Supervisor:
         elif status.state == "stopped":
             self._end(job_id, JobState.CANCELLED, f"cancelled; stopped after step {run.last_step}", "cancelled")
         elif status.state == "failed":
-            self._failed(job_id, run, status.error or "a rank failed")
+            self._failed(job_id, run, status.error or "a rank failed", suspects=status.unreachable_nodes)
         elif hang := group.hang():
             self._failed(job_id, run, hang)
         elif run.stopping_since is not None and run.growing_to is None and self._past_grace(run):
@@ -273,7 +276,7 @@ class Supervisor:
         run.group.request_stop(at_checkpoint=True)
         self.store.append_logs(job.id, [f"room for dp={run.growing_to}: stopping at the next checkpoint to grow back"])
 
-    def _failed(self, job_id: str, run: Running, cause: str) -> None:
+    def _failed(self, job_id: str, run: Running, cause: str, suspects: tuple[str, ...] = ()) -> None:
         """Tear the attempt down completely, then restart after a backoff, or end FAILED past max_failures."""
         self.running.pop(job_id, None)
         self._teardown(job_id, run)
@@ -291,7 +294,7 @@ class Supervisor:
         self.store.transition(job_id, JobState.RESTARTING, f"{cause}; {note}")
         self.metrics.restarts.labels(job=job_id).inc()
         now = time.monotonic()
-        self.restarting[job_id] = Pending(now + delay, failures, cause, now)
+        self.restarting[job_id] = Pending(now + delay, failures, cause, now, suspects=suspects)
 
     def _restart_due(self) -> None:
         for job_id, pending in list(self.restarting.items()):
@@ -302,6 +305,8 @@ class Supervisor:
                     self.store.transition(job_id, JobState.CANCELLED, "cancelled while waiting to restart")
                 continue
             if time.monotonic() < pending.due:
+                continue
+            if self._awaits_verdict(job_id, pending):
                 continue
             cfg = build_config(job.spec)
             fitted = fit(cfg, self.free_resources()[0])
@@ -318,6 +323,24 @@ class Supervisor:
             self.restarting.pop(job_id)
             run = self._start_attempt(job_id, run_cfg, plan, resume_spec(run_cfg), pending.failures)
             run.recover_from, run.cause = pending.detected, pending.cause
+
+    def _awaits_verdict(self, job_id: str, pending: Pending) -> bool:
+        """Whether the restart waits for Ray to declare a node dead whose ranks stopped answering:
+        Ray lists a lost node alive until its health checks have failed for a while (9-11 s seen),
+        and a plan made before then puts a rank there, whose bundle never becomes ready. Waits at
+        most NODE_VERDICT_S after the failure; a node still alive then is taken as healthy."""
+        if not pending.suspects or pending.detected is None:
+            return False
+        if time.monotonic() - pending.detected > NODE_VERDICT_S:
+            return False
+        alive = [n for n in pending.suspects if n in self.resources()]
+        if alive and not pending.verdict_logged:
+            pending.verdict_logged = True
+            names = ", ".join(n[:12] for n in alive)
+            self.store.append_logs(
+                job_id, [f"restart waits for Ray's verdict on node {names} (its ranks stopped answering)"]
+            )
+        return bool(alive)
 
     def _start_attempt(self, job_id: str, cfg: Config, plan: Plan, spec: dict[str, Any], failures: int) -> Running:
         """Reserve the attempt's placement group (without waiting for it) and track the job."""

@@ -61,6 +61,9 @@ class Status:
     heartbeats: dict[int, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     training: bool = False  # every rank is past start-up
+    # Nodes of ranks that stopped answering (their raylet is gone, or the node itself): Ray may
+    # still list such a node alive for a while, so a restart should not plan on it yet.
+    unreachable_nodes: tuple[str, ...] = ()
 
 
 class WorkerGroup:
@@ -201,19 +204,25 @@ class WorkerGroup:
         """New metrics and the latest heartbeats; the state once every rank returned or one failed."""
         done, _ = ray.wait(self.futures, num_returns=len(self.futures), timeout=timeout_s)
         metrics = self._drain()
-        died, raised = [], []
+        died, raised, unreachable = [], [], []
         for ref in done:
             try:
                 ray.get(ref)
-            # The process is gone: killed, OOM, or its node lost (a call in flight when the node's
-            # raylet died ends as ActorUnavailableError, "Socket closed", before Ray marks the actor dead).
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+            except ray.exceptions.ActorDiedError:  # the process is gone: killed, OOM, node lost
                 died.append(self.futures.index(ref))
+            # A call in flight when the node's raylet died ends as ActorUnavailableError ("Socket
+            # closed") before Ray marks the actor dead: the rank is gone too, its node maybe.
+            except ray.exceptions.ActorUnavailableError:
+                died.append(self.futures.index(ref))
+                unreachable.append(self.futures.index(ref))
             except Exception as err:  # a rank raised
                 raised.append((self.futures.index(ref), err))
         if died or raised:
             metrics += self._drain()
-            return self._status("failed", metrics, self._cause(died, raised))
+            status = self._status("failed", metrics, self._cause(died, raised))
+            nodes = {r.rank: r.node for r in self.plan.ranks} if self.plan else {}
+            status.unreachable_nodes = tuple(sorted({nodes[r] for r in unreachable if r in nodes}))
+            return status
         if len(done) < len(self.futures):
             return self._status("running", metrics)
         self.results = ray.get(self.futures)

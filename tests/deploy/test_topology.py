@@ -291,10 +291,10 @@ def spec(ckpt: Path) -> dict[str, Any]:
     """Two ranks of one CPU each, spread over the two workers; either worker alone holds both, so the
     job can finish on the one that is left (dp_min=1 would let it shrink if it could not).
 
-    backoff_s outlasts the time Ray takes to declare a lost node dead (its health checks: 9-11 s
-    here). The supervisor sees the rank fail within a second or two; a restart planned before Ray
-    knows the node is gone puts a bundle on it, waits 60 s for a placement group that cannot become
-    ready and counts a second failure (docs/deploy.md, "Tested natively")."""
+    backoff_s is 1 s, far shorter than the time Ray takes to declare a lost node dead (its health
+    checks: 9-11 s here): the supervisor sees the rank fail within a second or two, and must not plan
+    the restart on the lost node before Ray's verdict (it would wait 60 s for a placement group that
+    cannot become ready and count a second failure); the test asserts exactly one failure."""
     return {
         "name": "topology",
         "model": {"preset": "tiny"},
@@ -302,7 +302,7 @@ def spec(ckpt: Path) -> dict[str, Any]:
         "train": {"steps": 8, "global_batch": 4, "micro_batch": 2, "seq_len": 32, "warmup_steps": 1},
         "checkpoint": {"dir": str(ckpt), "every": 2},
         "resources": {"cpus_per_rank": 1},
-        "restart": {"max_failures": 2, "backoff_s": 20},
+        "restart": {"max_failures": 2, "backoff_s": 1},
     }
 
 

@@ -252,3 +252,44 @@ def test_an_elastic_job_starts_small_and_grows_back_at_its_next_checkpoint(store
     big = FakeGroup.made[1]
     assert big.cfg.parallel.dp == 2 and store.get_job(job).state == JobState.STARTING
     assert [a.outcome for a in store.attempts(job)] == ["stopped", None]
+
+
+def test_a_restart_waits_for_rays_verdict_on_a_node_whose_ranks_stopped_answering(store: Store) -> None:
+    """A lost node stays in Ray's list of alive nodes for a while: a restart planned then would put a
+    rank there. The restart waits until the node is gone from the list (or NODE_VERDICT_S passed)."""
+    cluster = Cluster()
+    nodes = {"node-a": {"CPU": 2.0}, "node-b": {"CPU": 2.0}}
+    cluster.resources = lambda: dict(nodes)  # type: ignore[method-assign]
+    sup = _supervisor(store, cluster)
+    job = _submit(store, restart={"max_failures": 2, "backoff_s": 0}, parallel={"dp": 2, "dp_min": 1})
+    sup.tick()
+    first = FakeGroup.made[0]
+    _run(sup, first, 1)
+    first.status = Status("failed", error="worker process died: rank 1 on node node-b", unreachable_nodes=("node-b",))
+    sup.tick()
+    assert store.get_job(job).state == JobState.RESTARTING
+    sup.tick()  # backoff 0, but Ray still lists node-b alive: wait
+    sup.tick()
+    assert store.get_job(job).state == JobState.RESTARTING and len(FakeGroup.made) == 1
+    assert any("waits for Ray's verdict on node node-b" in x.line for x in store.logs(job))
+    del nodes["node-b"]  # Ray's verdict: node-b is dead
+    sup.tick()
+    assert store.get_job(job).state == JobState.STARTING
+    second = FakeGroup.made[1]
+    assert {node for node, _ in second.bundles} == {"node-a"}
+
+
+def test_a_node_still_alive_after_the_verdict_window_is_planned_on(store: Store, monkeypatch) -> None:
+    import service.supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "NODE_VERDICT_S", 0.0)  # the window has passed at once
+    sup = _supervisor(store, Cluster())
+    job = _submit(store, restart={"max_failures": 2, "backoff_s": 0})
+    sup.tick()
+    first = FakeGroup.made[0]
+    _run(sup, first, 1)
+    first.status = Status("failed", error="worker process died: rank 1 on node node-a", unreachable_nodes=("node-a",))
+    sup.tick()
+    time.sleep(0.01)
+    sup.tick()
+    assert store.get_job(job).state == JobState.STARTING  # node-a answered Ray all along: healthy
