@@ -56,6 +56,10 @@ SPEC: dict[str, Any] = {
 # float64, clip_grad_norm_'s in float32); with grad_clip 0 the final weights are bitwise equal.
 LOSS_RTOL = 1e-6  # relative, per step
 WEIGHT_ATOL = 1e-6  # max abs difference, every parameter element
+# The pre-clip norm on a spike step (step 9 here, norm 4.6 against 2-3) is the most rounding-sensitive
+# number of the run: 1.24e-5 apart on one AMD EPYC machine, 2e-7 on the others, while the losses stayed
+# within 6e-8 and the weights within 1.4e-7 on both. The clipped update it scales is what the weight bar checks.
+GRAD_NORM_RTOL = 5e-5
 
 
 def reference_lr(step: int, t: Any) -> float:
@@ -169,7 +173,7 @@ def test_engine_matches_reference_losses(engine: tuple, reference: tuple) -> Non
         assert got["step"] == step
         assert abs(got["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), f"step {step}: {got} vs {ref}"
         assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12), f"step {step}: lr"
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), f"step {step}: grad_norm"
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=GRAD_NORM_RTOL), f"step {step}: grad_norm"
 
 
 def test_engine_matches_reference_weights(engine: tuple, reference: tuple) -> None:
