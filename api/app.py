@@ -12,13 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 
-from api import dashboard
+from api import dashboard, errors, openapi
 from api.deps import CallerDep, MetricsDep, StoreDep
-from api.routes import jobs
+from api.routes import audit, jobs
+from api.schemas import Cluster, Health
+from api.tickets import TicketBook
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
@@ -30,6 +34,7 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store or Store(settings.db_url)
+        prepare_storage(settings)
         app.state.supervisor = None
         if supervise:
             from service.supervisor import Supervisor
@@ -45,9 +50,13 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
             app.state.store.close()
 
     app = FastAPI(title="fourfold", version="0.1.0", lifespan=lifespan)
+    errors.install(app)  # every error, ours or the framework's, is {"detail": "<field>: <what is wrong>"}
+    openapi.install(app, auth_on=lambda: _auth_on(app))
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
+    app.state.tickets = TicketBook()  # the event streams' one-time tickets (api/tickets.py)
     app.include_router(jobs.router)
+    app.include_router(audit.router)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next: Any) -> Response:
@@ -60,17 +69,31 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
         )
         return response
 
-    @app.get("/healthz", tags=["system"])
+    @app.get("/healthz", tags=["system"], response_model=Health, operation_id="healthz", summary="Liveness")
     def healthz(store: StoreDep) -> dict[str, Any]:
         return {"ok": True, "jobs": {k.value: v for k, v in store.count_by_state().items()}}
 
-    @app.get("/metrics", tags=["system"])
+    @app.get(
+        "/metrics",
+        tags=["system"],
+        response_class=PlainTextResponse,
+        operation_id="prometheus_metrics",
+        summary="Prometheus metrics",
+        responses={200: {"description": "Prometheus text exposition format 0.0.4."}},
+    )
     def prometheus(store: StoreDep, metrics: MetricsDep) -> Response:
         metrics.set_counts(store.count_by_state())
         metrics.set_queue_wait(store.oldest_queued_at())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/cluster", tags=["system"])
+    @app.get(
+        "/v1/cluster",
+        tags=["system"],
+        response_model=Cluster,
+        operation_id="cluster",
+        summary="The Ray cluster's nodes and what the service's jobs leave free on them",
+        responses=errors.error_responses(auth=True),
+    )
     def cluster(request: Request, caller: CallerDep) -> dict[str, Any]:
         sup = request.app.state.supervisor
         if sup is None:
@@ -84,6 +107,23 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
 
     dashboard.mount(app)
     return app
+
+
+def _auth_on(app: FastAPI) -> bool:
+    """Whether the API wants a bearer token now (as api/deps.get_caller decides): tokens in the
+    environment, or any token ever made in the store."""
+    from service.tokens import Tokens, auth_required
+
+    store = getattr(app.state, "store", None)  # before the lifespan starts: environment tokens only
+    return auth_required(app.state.settings.auth_enabled, Tokens(store) if store is not None else None)
+
+
+def prepare_storage(settings: Settings) -> None:
+    """Create the workspace and the default data root when they are local directories."""
+    policy = settings.storage_policy()
+    for place in (policy.workspace, *policy.data_roots):
+        if "://" not in place:
+            Path(place).mkdir(parents=True, exist_ok=True)
 
 
 def _slots(res: dict[str, float]) -> dict[str, float]:

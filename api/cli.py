@@ -5,6 +5,7 @@
     fourfold ckpt export runs/x/ckpt/step-00000010 --hf runs/x/hf
     fourfold up [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--detach];  fourfold down
     fourfold submit job.yaml;  fourfold jobs;  fourfold status ID;  fourfold logs ID --follow;  fourfold cancel ID
+    fourfold token create USER [--admin] [--expires 30d];  fourfold token list;  fourfold token revoke ID
 
 The service commands talk to FOURFOLD_URL (default http://127.0.0.1:8000) with the bearer
 token FOURFOLD_TOKEN when set.
@@ -98,6 +99,10 @@ def ckpt_export(
 from api import cli_service  # noqa: E402  (registers up, down, submit, jobs, status, logs, cancel)
 
 cli_service.register(app, _fail)
+
+from api import cli_tokens  # noqa: E402  (registers token create, list, revoke)
+
+cli_tokens.register(app, _fail)
 
 
 def main() -> None:

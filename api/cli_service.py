@@ -64,8 +64,14 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
             first = err.errors()[0]
             raise fail(f"settings: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
         host, port = settings.host, settings.port
-        if not settings.auth_enabled and host not in ("127.0.0.1", "localhost"):
-            raise fail(f"--host {host}: no tokens are configured (FOURFOLD_TOKENS), so only 127.0.0.1 is allowed")
+        from api.cli_tokens import auth_on as _auth_on
+
+        auth_on = _auth_on(settings, fail)  # tokens in the environment or in the store
+        if not auth_on and host not in ("127.0.0.1", "localhost"):
+            raise fail(
+                f"--host {host}: no tokens are configured (FOURFOLD_TOKENS or `fourfold token create`), "
+                "so only 127.0.0.1 is allowed"
+            )
         open_notice = "fourfold: no tokens configured: no authentication, listening on 127.0.0.1 only"
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         pid_file = settings.data_dir / "fourfold.pid"
@@ -87,7 +93,7 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
                     raise fail(f"the service exited (code {proc.returncode}); see {settings.data_dir / 'service.log'}")
                 try:
                     if httpx.get(url + "healthz", timeout=2).status_code == 200:
-                        if not settings.auth_enabled:
+                        if not auth_on:
                             typer.echo(open_notice)
                         typer.echo(f"fourfold is up (pid {proc.pid}); dashboard: {url}")
                         return
@@ -98,7 +104,7 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
 
         from api.app import create_app
 
-        if not settings.auth_enabled:
+        if not auth_on:
             typer.echo(open_notice)
         pid_file.write_text(str(os.getpid()))
         typer.echo(f"fourfold: dashboard at {url}  (store: {settings.db_url})", err=False)
@@ -135,10 +141,12 @@ def register(app: typer.Typer, fail: Fail) -> None:  # noqa: C901 (one closure p
         """Submit a job spec (YAML); prints the job id."""
         import yaml
 
+        from parallel.config import read_yaml
+
         if not file.is_file():
             raise fail(f"{file}: no such file")
         try:
-            spec = yaml.safe_load(file.read_text()) or {}
+            spec = read_yaml(file.read_text()) or {}  # `lr: 1e-3` a number, as the server reads YAML
         except (OSError, UnicodeError) as err:
             raise fail(f"{file}: cannot read it as text ({err})") from None
         except yaml.YAMLError as err:

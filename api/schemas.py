@@ -53,3 +53,24 @@ class JobList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class Health(BaseModel):
+    ok: bool
+    jobs: dict[str, int]
+    """How many jobs are in each state (states without jobs left out)."""
+
+
+class ClusterNode(BaseModel):
+    id: str
+    total: dict[str, float]
+    """CPU, GPU and memory (bytes) the node has."""
+    free: dict[str, float]
+    """What the service's running jobs leave of it."""
+
+
+class Cluster(BaseModel):
+    connected: bool
+    """Whether this server runs jobs on a Ray cluster (`fourfold up`), not just stores them."""
+    nodes: list[ClusterNode]
+    running_jobs: list[str] = []

@@ -10,6 +10,7 @@ raised before any process group exists.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ class ModelConfig(_Section):
     """RoPE base frequency (10000 unless the preset says otherwise)."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the normal initialisation of linear and embedding weights."""
-    init_from: str | None = None
+    init_from: str | None = Field(None, json_schema_extra={"x-storage": "read"})
     """Start from a Hugging Face Llama directory (config.json + safetensors), e.g. a `fourfold ckpt export`."""
 
     @model_validator(mode="after")
@@ -124,6 +125,14 @@ class ParallelConfig(_Section):
     """How long a collective may wait before the run fails."""
     dp_min: int | None = Field(None, ge=1)
     """Elastic data parallelism: after losing room, restart with the largest dp that fits, down to this (null = dp)."""
+
+    @field_validator("zero", mode="before")
+    @classmethod
+    def _zero_not_bool(cls, zero: Any) -> Any:
+        # A bool compares equal to 0 or 1, so the Literal alone would take `zero: true` as stage 1.
+        if isinstance(zero, bool):
+            raise ValueError("Input should be 0, 1, 2 or 3")
+        return zero
 
     @model_validator(mode="after")
     def _take_the_only_valid_value(self) -> ParallelConfig:
@@ -184,7 +193,7 @@ class TrainConfig(_Section):
 class DataConfig(_Section):
     source: Literal["synthetic", "text", "tokens"] = "synthetic"
     """synthetic: seeded random tokens; text: byte-level tokens of a file or directory; tokens: a flat token file."""
-    path: str | None = None
+    path: str | None = Field(None, json_schema_extra={"x-storage": "read", "x-keywords": ["stdlib"]})
     """File or directory for text (`stdlib` = this Python's standard library source), file for tokens."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
     """Element type of a `tokens` file."""
@@ -202,7 +211,7 @@ class MetricsConfig(_Section):
 class CheckpointConfig(_Section):
     model_config = ConfigDict(**_Section.model_config, populate_by_name=True)
 
-    dir: str | None = None
+    dir: str | None = Field(None, json_schema_extra={"x-storage": "write"})
     """Where checkpoints go (local path or fsspec URL such as s3://bucket/run); null = no checkpoints."""
     every: int = Field(0, ge=0)
     """Save every this many steps (0 = only at the end); the last step is always saved."""
@@ -212,7 +221,7 @@ class CheckpointConfig(_Section):
     """Also keep every checkpoint whose step is a multiple of this (milestones)."""
     async_: bool = Field(False, alias="async")
     """Write in the background while training continues (the blocked time is in the metrics)."""
-    resume: str | None = None
+    resume: str | None = Field(None, json_schema_extra={"x-storage": "read", "x-keywords": ["auto"]})
     """`auto` = the newest complete checkpoint in `dir` (start fresh if none), or a checkpoint path."""
 
 
@@ -384,13 +393,49 @@ def _known_keys(section: tuple) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def build_config(data: dict[str, Any], world_size: int | None = None) -> Config:
-    """Validate a plain dict into a Config; every mistake is a one-line ConfigError."""
+def storage_fields() -> dict[str, dict[str, Any]]:
+    """Every field of a job spec that names a file, directory or URL, as `section.key` -> its marker:
+    {"storage": "read" | "write", "keywords": [names that are not paths]}, declared on the field as
+    json_schema_extra={"x-storage": ..., "x-keywords": [...]}. The one list the
+    service's storage confinement checks (a new path field is marked where it is declared)."""
+    found = {}
+    for section, info in Config.model_fields.items():
+        model = info.annotation
+        for name, field in getattr(model, "model_fields", {}).items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and "x-storage" in extra:  # x-: an extension keyword in the JSON schema
+                marker = {"storage": extra["x-storage"]}
+                if "x-keywords" in extra:
+                    marker["keywords"] = list(extra["x-keywords"])
+                found[f"{section}.{field.alias or name}"] = marker
+    return found
+
+
+def build_config(data: dict[str, Any], world_size: int | None = None, strict: bool = False) -> Config:
+    """Validate a plain dict into a Config; every mistake is a one-line ConfigError.
+
+    strict: every value already of its field's type, as the spec's JSON schema says (no `"3"` for 3,
+    no `true` for 1): what the service asks of a spec sent over HTTP. Read YAML with `read_yaml`
+    then, so that `lr: 1e-3` is a number."""
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate(data, strict=strict)
     except ValidationError as err:
         raise ConfigError(_format_validation(err)) from None
     return check(cfg, world_size)
+
+
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-3` is a float as in YAML 1.2 and JSON (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as plain data (safe: no Python objects); `1e-3` reads as a number."""
+    return yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

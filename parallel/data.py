@@ -109,8 +109,9 @@ class WindowSource(TokenSource):
         return torch.from_numpy(window)
 
 
-def _walk_text_files(root: Path, skip: frozenset[str]) -> Iterator[Path]:
-    """Text files under `root` in sorted(Path) order, lazily; symlinked directories are not followed."""
+def _walk_text_files(root: Path, skip: frozenset[str], top: str | None) -> Iterator[Path]:
+    """Text files under `root` in sorted(Path) order, lazily; symlinked directories are not followed,
+    and with `top` a symlinked file is read only when it points inside that directory."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
@@ -118,8 +119,10 @@ def _walk_text_files(root: Path, skip: frozenset[str]) -> Iterator[Path]:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             if entry.name not in skip and not entry.name.startswith("."):
-                yield from _walk_text_files(Path(entry.path), skip)
+                yield from _walk_text_files(Path(entry.path), skip, top)
         elif entry.is_file() and Path(entry.name).suffix.lower() in TEXT_SUFFIXES:
+            if top and entry.is_symlink() and not os.path.realpath(entry.path).startswith(top.rstrip(os.sep) + os.sep):
+                continue
             yield Path(entry.path)
 
 
@@ -129,7 +132,11 @@ def read_text_corpus(path: str, max_bytes: int) -> np.ndarray:
     if not root.exists():
         raise ConfigError(f"data.path={path!r}: no such file or directory")
     if root.is_dir():
-        files: Iterable[Path] = _walk_text_files(root, STDLIB_SKIP_DIRS if path == "stdlib" else SKIP_DIRS)
+        # The standard library is this Python's own (Debian links sitecustomize.py out of it); any other
+        # directory may hold a link planted to read what its owner cannot: only links inside it count.
+        stdlib = path == "stdlib"
+        top = None if stdlib else os.path.realpath(root)
+        files: Iterable[Path] = _walk_text_files(root, STDLIB_SKIP_DIRS if stdlib else SKIP_DIRS, top)
     else:
         files = [root]
     chunks: list[bytes] = []

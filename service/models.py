@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models of the job store: jobs, their attempts, events, metrics, checkpoints and logs.
+"""SQLAlchemy 2 models of the job store: jobs, their attempts, events, metrics, checkpoints, logs; API tokens.
 
 Only `service.store.Store` uses these; everything else gets detached pydantic records from it.
 The schema itself is created by the Alembic migrations in `service/migrations/` (which do not import
@@ -92,6 +92,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    storage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what the job may read and write (a Grant)
 
 
 class Attempt(Base):
@@ -117,6 +118,8 @@ class Event(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(100))  # who did it (a caller of the API), None: the service
+    address: Mapped[str | None] = mapped_column(String(64))  # the caller's address
 
 
 class Metric(Base):
@@ -158,3 +161,20 @@ class LogLine(Base):
     job_id: Mapped[str] = mapped_column(String(32), _job_fk(), index=True)
     time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     line: Mapped[str] = mapped_column(Text)
+
+
+class Token(Base):
+    """A bearer token of the API, kept only as its sha256 (`service.tokens` makes and checks them)."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (UniqueConstraint("hash", name="uq_tokens_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(100))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the token; the token itself is never stored
+    prefix: Mapped[str] = mapped_column(String(16))  # its first characters, so that `token list` can name it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -43,6 +43,8 @@ class JobRecord(_Record):
     attempts: int
     cancel_requested: bool
     idempotency_key: str | None = None
+    storage: dict[str, Any] | None = None
+    """What the job may read and write (a `workers.confine.Grant` as a dict); None: not confined."""
 
 
 class AttemptRecord(_Record):
@@ -64,6 +66,10 @@ class EventRecord(_Record):
     from_state: JobState | None = None
     to_state: JobState | None = None
     message: str
+    actor: str | None = None
+    """The API caller who did it; None when the service itself did."""
+    address: str | None = None
+    """The caller's network address."""
 
 
 class MetricRecord(_Record):

@@ -28,10 +28,14 @@ from sqlalchemy.orm import Session
 
 from service.db import make_engine, session_factory, upgrade, writer
 from service.models import Attempt, CheckpointRecord, Event, Job, LogLine, Metric, new_job_id, utcnow
+from service.quota import Quota, QuotaExceeded
 from service.records import AttemptRecord, CheckpointRecordOut, EventRecord, JobRecord, LogRecord, MetricRecord
 from service.states import ACTIVE, TERMINAL, JobState, check_transition
 
-__all__ = ["AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Store"]
+__all__ = [
+    "AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Quota",
+    "QuotaExceeded", "Store", "new_job_id",
+]  # fmt: skip
 
 # interrupted: the service stopped (or died) while the attempt ran; it is not one of the job's failures.
 OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "stopped", "interrupted"})
@@ -83,27 +87,47 @@ class Store:
         name: str,
         priority: int = 0,
         idempotency_key: str | None = None,
+        *,
+        job_id: str | None = None,
+        storage: dict[str, Any] | None = None,
+        quota: Quota | None = None,
+        address: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Queue a new job; returns (job, True), or (existing job, False) for a reused idempotency key."""
-        by_key = select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-        if idempotency_key is not None and (existing := self._first(by_key)) is not None:
+        """Queue a new job; returns (job, True), or (existing job, False) for a reused idempotency key.
+
+        With `quota`, the owner's limits are checked in the same transaction that stores the job
+        (QuotaExceeded, nothing stored). The "submitted" event names the owner and `address`."""
+        existing = self.job_by_key(owner, idempotency_key)
+        if existing is not None:
             return existing, False
         now = utcnow()
-        job = Job(id=new_job_id(), name=name, owner=owner, priority=priority, state=JobState.QUEUED.value, spec=spec)
+        job = Job(id=job_id or new_job_id(), name=name, owner=owner, priority=priority, state=JobState.QUEUED.value)
+        job.spec, job.storage = spec, storage
         job.created_at = job.updated_at = now
         job.attempts, job.cancel_requested, job.idempotency_key = 0, False, idempotency_key
         try:
             with self._tx() as session:
+                if quota is not None:
+                    quota.check(session, owner, spec, now)
                 session.add(job)
                 session.flush()
-                session.add(Event(job_id=job.id, time=now, kind="state", to_state=job.state, message="submitted"))
+                session.add(
+                    Event(job_id=job.id, time=now, kind="state", to_state=job.state, message="submitted",
+                          actor=owner, address=address)
+                )  # fmt: skip
                 record = JobRecord.model_validate(job)
         except IntegrityError:
             # Another submission with the same key committed between our check and our insert.
-            if idempotency_key is None or (existing := self._first(by_key)) is None:
+            if (existing := self.job_by_key(owner, idempotency_key)) is None:
                 raise
             return existing, False
         return record, True
+
+    def job_by_key(self, owner: str, idempotency_key: str | None) -> JobRecord | None:
+        """The owner's job submitted with this idempotency key, if any."""
+        if idempotency_key is None:
+            return None
+        return self._first(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
 
     def _first(self, query: Select[tuple[Job]]) -> JobRecord | None:
         with self._read() as session:
@@ -155,15 +179,19 @@ class Store:
             Event(job_id=job.id, time=now, kind="state", from_state=current.value, to_state=new.value, message=reason)
         )
 
-    def request_cancel(self, job_id: str) -> JobRecord:
-        """Flag the job for cancellation; a QUEUED job is CANCELLED at once. A no-op on a finished job."""
+    def request_cancel(self, job_id: str, actor: str | None = None, address: str | None = None) -> JobRecord:
+        """Flag the job for cancellation; a QUEUED job is CANCELLED at once. A no-op on a finished job.
+        The "cancel" event names `actor` and `address`."""
         with self._tx() as session:
             job = self._locked_job(session, job_id)
             if JobState(job.state) in TERMINAL or job.cancel_requested:
                 return JobRecord.model_validate(job)
             job.cancel_requested = True
             job.updated_at = utcnow()
-            session.add(Event(job_id=job.id, time=job.updated_at, kind="cancel", message="cancel requested"))
+            message = "cancel requested" + (f" by {actor}" if actor else "")
+            session.add(
+                Event(job_id=job.id, time=job.updated_at, kind="cancel", message=message, actor=actor, address=address)
+            )
             if job.state == JobState.QUEUED:
                 self._apply(session, job, JobState.CANCELLED, "cancelled while queued")
             return JobRecord.model_validate(job)
@@ -300,6 +328,20 @@ class Store:
             session.add(event)
             session.flush()
             return EventRecord.model_validate(event)
+
+    def audit(
+        self, actor: str | None = None, job_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> tuple[list[EventRecord], int]:
+        """Events a caller of the API caused (submissions, cancels), newest first, and their number."""
+        where = [Event.actor.is_not(None)]
+        if actor is not None:
+            where.append(Event.actor == actor)
+        if job_id is not None:
+            where.append(Event.job_id == job_id)
+        with self._read() as session:
+            total = session.scalar(select(func.count()).select_from(Event).where(*where)) or 0
+            query = select(Event).where(*where).order_by(Event.id.desc()).limit(limit).offset(offset)
+            return [EventRecord.model_validate(e) for e in session.scalars(query)], total
 
     def events(self, job_id: str, after_id: int = 0) -> list[EventRecord]:
         query = select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id)

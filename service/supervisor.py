@@ -48,6 +48,8 @@ log = logging.getLogger("fourfold.supervisor")
 CANCEL_GRACE_S = 60.0  # a cancelled job's ranks get this long to stop at a step boundary
 SHUTDOWN_GRACE_S = 30.0  # at service stop, ranks get this long to stop (and checkpoint) before they are killed
 READY_TIMEOUT_S = 60.0  # a placement group not ready by then fails the attempt
+# A rank that failed with one of these fails the same way on every restart: the job ends at once.
+PERMANENT_ERRORS = ("StorageRefused:",)
 NODE_VERDICT_S = 30.0  # how long a restart waits for Ray to declare dead a node whose ranks stopped answering
 
 
@@ -176,7 +178,7 @@ class Supervisor:
                 self._end(job_id, JobState.CANCELLED, "cancelled while waiting for room", "cancelled")
             elif group.is_ready():
                 try:
-                    group.launch(run.spec)
+                    group.launch(run.spec, job.storage if job is not None else None)
                 except Exception as err:  # an actor that never started, a bundle on the wrong node
                     self._failed(job_id, run, f"could not start the ranks: {err}")
                     return
@@ -209,7 +211,9 @@ class Supervisor:
         elif status.state == "stopped":
             self._end(job_id, JobState.CANCELLED, f"cancelled; stopped after step {run.last_step}", "cancelled")
         elif status.state == "failed":
-            self._failed(job_id, run, status.error or "a rank failed", suspects=status.unreachable_nodes)
+            cause = status.error or "a rank failed"
+            permanent = any(f"raised: {kind}" in cause for kind in PERMANENT_ERRORS)  # the same on every try
+            self._failed(job_id, run, cause, suspects=status.unreachable_nodes, permanent=permanent)
         elif hang := group.hang():
             self._failed(job_id, run, hang)
         elif run.stopping_since is not None and run.growing_to is None and self._past_grace(run):
@@ -276,16 +280,20 @@ class Supervisor:
         run.group.request_stop(at_checkpoint=True)
         self.store.append_logs(job.id, [f"room for dp={run.growing_to}: stopping at the next checkpoint to grow back"])
 
-    def _failed(self, job_id: str, run: Running, cause: str, suspects: tuple[str, ...] = ()) -> None:
-        """Tear the attempt down completely, then restart after a backoff, or end FAILED past max_failures."""
+    def _failed(
+        self, job_id: str, run: Running, cause: str, suspects: tuple[str, ...] = (), permanent: bool = False
+    ) -> None:
+        """Tear the attempt down completely, then restart after a backoff, or end FAILED past
+        max_failures (or at once when the cause is `permanent`)."""
         self.running.pop(job_id, None)
         self._teardown(job_id, run)
         self.store.finish_attempt(job_id, run.attempt, "failed", cause)
         self.store.add_event(job_id, "failure", cause)
         self.store.append_logs(job_id, [f"failure: {cause}"])
         failures, restart = run.failures + 1, run.group.cfg.restart
-        if failures > restart.max_failures:
+        if failures > restart.max_failures or permanent:
             reason = f"{cause} (failed {failures} times; restart.max_failures={restart.max_failures})"
+            reason = cause if permanent else reason
             self.store.transition(job_id, JobState.FAILED, reason)
             self.metrics.forget(job_id)
             return

@@ -129,8 +129,10 @@ class WorkerGroup:
         waited = time.monotonic() - self.reserved_at
         return f"the cluster has no room for {len(self.bundles)} node-sized blocks ({blocks}) within {waited:.0f} s"
 
-    def launch(self, spec: dict[str, Any] | None = None) -> None:
-        """Start one actor per rank in the ready placement group, hand out the rendezvous, train."""
+    def launch(self, spec: dict[str, Any] | None = None, storage: dict[str, Any] | None = None) -> None:
+        """Start one actor per rank in the ready placement group, hand out the rendezvous, train.
+        With `storage` (a `workers.confine.Grant` as a dict) each rank checks the spec's paths
+        against it again before it opens any."""
         plan, res = self.plan, self.cfg.resources
         table = ray.util.placement_group_table(self.pg)
         landed = [table["bundles_to_node_id"][i] for i in range(len(self.bundles))]
@@ -161,7 +163,7 @@ class WorkerGroup:
         if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ""
         spec = spec if spec is not None else self.cfg.model_dump(mode="json", by_alias=True)
-        self.futures = [a.run.remote(spec, master, port, env) for a in self.actors]
+        self.futures = [a.run.remote(spec, master, port, env, storage) for a in self.actors]
         self.health = Health(world, time.monotonic(), nodes={r.rank: r.node for r in plan.ranks})
 
     @property

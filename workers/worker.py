@@ -106,9 +106,15 @@ class RankRunner:
                 return
 
     def run(
-        self, spec: dict[str, Any], master_addr: str, master_port: int, env: dict[str, str] | None = None
+        self,
+        spec: dict[str, Any],
+        master_addr: str,
+        master_port: int,
+        env: dict[str, str] | None = None,
+        storage: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Train the job to its end (or a requested stop); returns a summary."""
+        """Train the job to its end (or a requested stop); returns a summary. With `storage` (a
+        `workers.confine.Grant` as a dict) the spec's paths are checked against it first."""
         os.environ.update(env or {})
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
@@ -120,6 +126,7 @@ class RankRunner:
         from parallel.config import build_config
         from parallel.mesh import init_distributed
         from parallel.trainer import Trainer
+        from workers.confine import Grant, recheck
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         hang_timeout_s = float(spec.get("restart", {}).get("hang_timeout_s", 300))
@@ -129,6 +136,8 @@ class RankRunner:
         stopped, trainer, control = False, None, None
         try:
             cfg = build_config(spec, world_size=self.world_size)
+            if storage is not None:  # a symlink swapped since the submission fails here, before any open
+                recheck(spec, Grant.from_dict(storage))
             if self._store is None:  # ranks > 0: clients of rank 0's store
                 wait = timedelta(seconds=cfg.parallel.timeout_s)
                 self._store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=wait)

@@ -1,13 +1,21 @@
 // fourfold dashboard: the jobs table at /, a job's live charts at /?job=ID.
-// A bearer token, when the server wants one, comes from ?token=... once and is kept in localStorage.
+// A bearer token, when the server wants one, comes from ?token=... once: it is kept in localStorage and
+// taken out of the address bar at once, so no history entry, bookmark or copied link holds it. It goes
+// only into the Authorization header; the event stream opens with a one-time ticket instead.
+// Everything the server sends (job names, log lines, reasons) is set as text, never as markup.
 "use strict";
 
 const params = new URLSearchParams(location.search);
-if (params.get("token")) localStorage.setItem("fourfold-token", params.get("token"));
+if (params.has("token")) {
+  if (params.get("token")) localStorage.setItem("fourfold-token", params.get("token"));
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(history.state, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+}
 const token = localStorage.getItem("fourfold-token");
 
-async function api(path) {
-  const r = await fetch(path, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+async function api(path, method = "GET") {
+  const r = await fetch(path, { method, headers: token ? { Authorization: `Bearer ${token}` } : {} });
   if (!r.ok) throw new Error(`${path}: ${r.status}`);
   return r.json();
 }
@@ -29,7 +37,7 @@ async function showJobs() {
   for (const j of data.items) {
     const tr = document.createElement("tr");
     const link = document.createElement("a");
-    link.href = `/?job=${j.id}`;
+    link.href = `/?job=${encodeURIComponent(j.id)}`;
     link.textContent = j.id.slice(0, 12);
     const idCell = document.createElement("td");
     idCell.append(link);
@@ -64,8 +72,7 @@ async function showJob(id) {
   const render = async () => {
     const j = await api(`/v1/jobs/${id}`);
     document.getElementById("job-title").textContent = `${j.name} (${j.id})`;
-    document.getElementById("job-summary").innerHTML = "";
-    document.getElementById("job-summary").append(
+    document.getElementById("job-summary").replaceChildren(
       `state `, Object.assign(document.createElement("span"), { className: `state ${j.state}`, textContent: j.state }),
       ` · step ${j.step ?? 0}/${j.steps} · attempts ${j.attempts}` + (j.failure_reason ? ` · ${j.failure_reason}` : ""));
     document.body.dataset.state = j.state;
@@ -97,23 +104,42 @@ async function showJob(id) {
     (await api(`/v1/jobs/${id}/logs`)).forEach(addLog);
     return;
   }
-  // Live: the server-sent events stream replays events and logs, then follows new steps.
-  const source = new EventSource(`/v1/jobs/${id}/stream` + (token ? `?access_token=${encodeURIComponent(token)}` : ""));
-  // A step already drawn is replaced by the newest attempt's row (a restart trains steps again).
-  source.addEventListener("metrics", (ev) => {
-    const m = JSON.parse(ev.data);
-    const at = rows.findIndex((r) => r.step === m.step);
-    if (at < 0) rows.push(m); else if (rows[at].attempt <= m.attempt) rows[at] = m; else return;
-    rows.sort((a, b) => a.step - b.step);
-    drawCharts(rows);
-  });
-  source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); showAttempts(); });
-  source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
-  source.addEventListener("end", () => { source.close(); render(); showAttempts(); });
+  // Live: the server-sent events stream replays events and logs, then follows new steps. EventSource
+  // cannot send the Authorization header, so each connection opens with a ticket (good once, for 60 s).
+  let retries = 0;
+  const follow = async () => {
+    const { ticket } = await api(`/v1/jobs/${id}/stream-ticket`, "POST");
+    document.getElementById("events").replaceChildren();  // a new connection replays them all
+    document.getElementById("logs").textContent = "";
+    const source = new EventSource(`/v1/jobs/${id}/stream?ticket=${encodeURIComponent(ticket)}`);
+    source.addEventListener("open", () => { retries = 0; });
+    // A step already drawn is replaced by the newest attempt's row (a restart trains steps again).
+    source.addEventListener("metrics", (ev) => {
+      const m = JSON.parse(ev.data);
+      const at = rows.findIndex((r) => r.step === m.step);
+      if (at < 0) rows.push(m); else if (rows[at].attempt <= m.attempt) rows[at] = m; else return;
+      rows.sort((a, b) => a.step - b.step);
+      drawCharts(rows);
+    });
+    source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); showAttempts(); });
+    source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
+    source.addEventListener("end", () => { source.close(); render(); showAttempts(); });
+    // The browser would retry a dropped stream with the same URL, which a used ticket no longer opens:
+    // reconnect here with a new ticket instead, a few times, waiting longer each time.
+    source.addEventListener("error", () => {
+      source.close();
+      if (retries < 5) setTimeout(() => follow().catch(() => {}), 1000 * ++retries);
+    });
+  };
+  await follow();
 }
 
 const jobId = params.get("job");
-if (jobId) {
+if (jobId !== null && !/^[0-9a-f]{32}$/.test(jobId)) {
+  document.getElementById("jobs-view").hidden = true;
+  document.getElementById("job-view").hidden = false;
+  document.getElementById("job-title").textContent = `no job ${jobId}: a job id is 32 hex digits`;
+} else if (jobId) {
   showJob(jobId).catch((err) => { document.getElementById("job-title").textContent = String(err); });
 } else {
   showJobs().catch((err) => { document.querySelector("#jobs tbody").textContent = String(err); });

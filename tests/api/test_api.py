@@ -175,7 +175,7 @@ def test_health_and_prometheus(open_api: TestClient) -> None:
     waited = next(line for line in text.splitlines() if line.startswith("fourfold_queue_oldest_wait_seconds "))
     assert 0 < float(waited.split()[1]) < 60  # the job just submitted waits in the queue
     assert "fourfold_http_request_seconds_bucket" in text
-    assert open_api.get("/v1/cluster").json() == {"connected": False, "nodes": []}
+    assert open_api.get("/v1/cluster").json() == {"connected": False, "nodes": [], "running_jobs": []}
 
 
 def test_stream_replays_a_finished_job_then_ends(db_url: str, tmp_path: Path) -> None:

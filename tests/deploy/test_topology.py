@@ -300,7 +300,7 @@ def spec(ckpt: Path) -> dict[str, Any]:
         "model": {"preset": "tiny"},
         "parallel": {"dp": 2, "dp_min": 1},
         "train": {"steps": 8, "global_batch": 4, "micro_batch": 2, "seq_len": 32, "warmup_steps": 1},
-        "checkpoint": {"dir": str(ckpt), "every": 2},
+        "checkpoint": {"dir": ckpt.name, "every": 2},  # relative: under the job's own directory
         "resources": {"cpus_per_rank": 1},
         "restart": {"max_failures": 2, "backoff_s": 1},
     }

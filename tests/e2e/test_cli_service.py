@@ -60,10 +60,12 @@ def test_up_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
     open_host = _fourfold("up", "--host", "0.0.0.0", "--data-dir", str(tmp_path), env=env)
     assert open_host.returncode == 2
     assert open_host.stderr.strip() == (
-        "fourfold: error: --host 0.0.0.0: no tokens are configured (FOURFOLD_TOKENS), so only 127.0.0.1 is allowed"
+        "fourfold: error: --host 0.0.0.0: no tokens are configured (FOURFOLD_TOKENS or `fourfold token create`), "
+        "so only 127.0.0.1 is allowed"
     )
     bad_tokens = _fourfold("up", "--data-dir", str(tmp_path), env={**env, "FOURFOLD_TOKENS": "alice-token"})
     assert bad_tokens.returncode == 2 and "Traceback" not in bad_tokens.stderr
-    assert bad_tokens.stderr.startswith("fourfold: error: settings: tokens: Value error, alic...: not token:user")
+    assert bad_tokens.stderr.startswith("fourfold: error: settings: tokens: Value error, entry 1: not token:user")
+    assert "alice-token" not in bad_tokens.stderr and "alic" not in bad_tokens.stderr  # never a token, not even a part
     no_service = _fourfold("down", "--data-dir", str(tmp_path / "none"), env=env)
     assert no_service.returncode == 2 and "no running service found" in no_service.stderr

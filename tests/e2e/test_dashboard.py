@@ -1,5 +1,7 @@
 """The dashboard in Debian's headless Chromium: the jobs table shows a finished job, and its page
-draws the loss chart. The screenshot is kept under test-artifacts/."""
+draws the loss chart. The screenshot is kept under test-artifacts/. With tokens on: the token leaves
+the address bar, the stream opens with a ticket, markup from the server shows as text, and the
+security headers hold with no CSP violation."""
 
 import os
 import shutil
@@ -19,6 +21,7 @@ from api.app import create_app
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
+from tests.e2e.cdp import Chromium
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,3 +143,100 @@ def test_cli_talks_to_the_service(served: tuple[str, str], tmp_path: Path) -> No
     assert unknown.returncode == 2 and "404: no job no-such-job" in unknown.stderr
     down = _cli("http://127.0.0.1:9", "jobs")
     assert down.returncode == 2 and "cannot reach the service" in down.stderr
+
+
+MARKUP_NAME = '<img src=x onerror="document.body.dataset.pwned=1"><b>bold</b>'
+MARKUP_LOG = "<script>document.body.dataset.pwned=2</script><i>italic</i> step 1"
+MARKUP_REASON = '<img src=y onerror="document.body.dataset.pwned=3">boom'
+
+
+def _serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                return url, server, thread
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def with_tokens(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Store, str]]:
+    """A service with tokens whose store holds alice's RUNNING job: a name and a log line with markup."""
+    tmp = tmp_path_factory.mktemp("dash-tokens")
+    store = Store(f"sqlite:///{tmp / 'store.db'}")
+    job, _ = store.create_job({"name": MARKUP_NAME, "train": {"steps": 3}}, owner="alice", name=MARKUP_NAME)
+    for state in (JobState.STARTING, JobState.RUNNING):
+        store.transition(job.id, state, "test")
+    attempt = store.start_attempt(job.id)
+    rows = [
+        {"step": s, "loss": 5.0 - s, "grad_norm": 1.0, "lr": 1e-3, "tokens_per_s": 1000.0, "tflops": 0.1, "mfu": 0.3,
+         "step_time_s": 0.2, "peak_mem_bytes": 1}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    store.add_metrics(job.id, rows, attempt)
+    store.append_logs(job.id, [MARKUP_LOG])
+    settings = Settings(data_dir=tmp, tokens="alice-token:alice")
+    url, server, thread = _serve(create_app(settings, store=store))
+    yield url, store, job.id
+    server.should_exit = True
+    thread.join(timeout=10)
+    store.close()
+
+
+def test_token_leaves_the_url_stream_uses_a_ticket_and_markup_stays_text(with_tokens: tuple[str, Store, str]) -> None:
+    url, store, job_id = with_tokens
+    with Chromium() as browser:
+        page = browser.page()
+        page.navigate(f"{url}/?token=alice-token")
+        page.wait_for("document.querySelectorAll('#jobs tbody tr').length === 1")
+        assert page.evaluate("location.href") == f"{url}/"  # the token left the address bar at once
+        assert page.evaluate("document.querySelector('#jobs tbody td:nth-child(2)').textContent") == MARKUP_NAME
+        assert page.evaluate("document.querySelectorAll('#jobs img, #jobs b').length") == 0
+        # The job's page (the token now comes from localStorage): a live job's log arrives by the stream.
+        page.navigate(f"{url}/?job={job_id}&token=alice-token")
+        page.wait_for("document.getElementById('logs').textContent.includes('italic')")
+        assert page.evaluate("location.href") == f"{url}/?job={job_id}"
+        assert page.evaluate("document.body.dataset.points") == "3"
+        assert page.evaluate("!!document.querySelector('#chart-loss .main-svg')")  # plotly drew under the CSP
+        store.append_logs(job_id, ["<b>live</b> line"])
+        store.transition(job_id, JobState.FAILED, MARKUP_REASON)
+        page.wait_for("document.body.dataset.state === 'FAILED'")
+        page.wait_for("document.getElementById('events').textContent.includes('boom')")
+        assert page.evaluate("document.getElementById('logs').textContent") == f"{MARKUP_LOG}\n<b>live</b> line\n"
+        assert page.evaluate("document.getElementById('job-title').textContent") == f"{MARKUP_NAME} ({job_id})"
+        assert MARKUP_REASON in page.evaluate("document.getElementById('job-summary').textContent")
+        assert MARKUP_REASON in page.evaluate("document.getElementById('events').textContent")
+        made = "document.querySelectorAll('#job-view img, #job-view b, #job-view i, #job-view script').length"
+        assert page.evaluate(made) == 0 and page.evaluate("document.body.dataset.pwned") is None
+        requests, responses, console = page.requests(), page.responses(), page.log_entries()
+    # Only the two pages loaded carry the token in their URL; the API gets it in the header alone.
+    urls = [r["url"] for r in requests]
+    assert [u for u in urls if "alice-token" in u] == [
+        f"{url}/?token=alice-token",
+        f"{url}/?job={job_id}&token=alice-token",
+    ]
+    streams = [u for u in urls if "/stream?" in u]
+    assert streams and all(u.startswith(f"{url}/v1/jobs/{job_id}/stream?ticket=") for u in streams)
+    tickets = [r for r in requests if r["url"].endswith("/stream-ticket")]
+    assert tickets and all(
+        r["method"] == "POST" and r["headers"]["Authorization"] == "Bearer alice-token" for r in tickets
+    )
+    assert all(not r["headers"].get("Referer") for r in requests if r["url"].startswith(f"{url}/v1/"))
+    pages = [r for r in responses if r["url"].startswith(f"{url}/?")]
+    assert len(pages) == 2
+    for response in pages:
+        headers = {k.lower(): v for k, v in response["headers"].items()}
+        assert headers["content-security-policy"].startswith("default-src 'self'; script-src 'self';")
+        assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "no-referrer"
+    # No CSP violation, no warning from plotly about one, no script error (a missing favicon is fine).
+    problems = [e for e in console if "favicon.ico" not in e.get("url", "") and e["level"] in ("error", "warning")]
+    assert not [e for e in console if e["source"] == "security" or "CSP" in e["text"]], console
+    assert not problems, problems

@@ -39,7 +39,8 @@ def spec(name: str, steps: int, ckpt: Path | None = None, every: int = 3, **rest
         "restart": {"max_failures": 2, "backoff_s": 1, **restart},
     }
     if ckpt is not None:
-        out["checkpoint"] = {"dir": str(ckpt), "every": every}
+        # Relative: under the job's own directory, the only place a job of the service may write.
+        out["checkpoint"] = {"dir": ckpt.name, "every": every}
     return out
 
 
@@ -191,13 +192,34 @@ def test_stalled_rank_is_detected_and_the_job_restarts(api, tmp_path: Path, monk
 
 def test_a_job_that_always_fails_ends_failed_with_the_cause(api) -> None:
     client, store = api
-    bad = {**spec("broken", 3), "data": {"source": "text", "path": "/nonexistent/corpus"}}
+    # Relative: inside the job's own directory (readable), where no corpus will ever be.
+    bad = {**spec("broken", 3), "data": {"source": "text", "path": "nonexistent/corpus"}}
     bad["restart"] = {"max_failures": 1, "backoff_s": 0}
     job = client.post("/v1/jobs", json=bad).json()["id"]
     done = wait(client, job, {"FAILED", "SUCCEEDED"})
     assert done["state"] == "FAILED"
-    assert "/nonexistent/corpus" in done["failure_reason"] and "failed 2 times" in done["failure_reason"]
+    assert f"{job}/nonexistent/corpus" in done["failure_reason"] and "failed 2 times" in done["failure_reason"]
     assert [a.outcome for a in store.attempts(job)] == ["failed", "failed"]
+
+
+def test_a_data_file_swapped_for_a_link_after_submission_fails_the_job_at_once(api, tmp_path: Path) -> None:
+    """Confinement checks the path at submission and each rank again before it opens anything: a file
+    replaced by a link to a secret in between ends the job FAILED on its first attempt, unread."""
+    client, _ = api
+    root = client.app.state.settings.data_dir / "data"
+    root.mkdir(exist_ok=True)
+    corpus = root / "swapped.txt"
+    corpus.write_text("plain training text\n" * 200)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for jobs\n" * 200)
+    job_spec = {**spec("swapped", 3), "data": {"source": "text", "path": str(corpus)}}
+    made = client.post("/v1/jobs", json=job_spec)
+    assert made.status_code == 201, made.text
+    corpus.unlink()
+    corpus.symlink_to(secret)  # before the ranks start: they take seconds to launch
+    done = wait(client, made.json()["id"], {"FAILED", "SUCCEEDED"})
+    assert done["state"] == "FAILED" and done["attempts"] == 1, done  # no restart: it would fail the same way
+    assert f"StorageRefused: data.path={corpus}: now resolves to {secret}" in done["failure_reason"]
 
 
 def test_service_killed_and_started_again_finishes_the_job_once(cluster, uninterrupted, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
     # the test releases it, so neither can finish early however fast the machine.
     release_a = tmp_path / "release-a"
     os.environ["FOURFOLD_TEST_HOLD"] = f"2:{tmp_path / 'never'}"
-    d = submit(_spec("long", 400, checkpoint={"dir": str(tmp_path / "ckpt-d"), "every": 1000}))
+    d = submit(_spec("long", 400, checkpoint={"dir": "ckpt-d", "every": 1000}))  # under the job's directory
     _wait(api, d, {"RUNNING"})
     os.environ["FOURFOLD_TEST_HOLD"] = f"2:{release_a}"
     a = submit(_spec("short", 30))
@@ -109,7 +109,9 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
         assert any("loss" in line["line"] for line in api.get(f"/v1/jobs/{job_id}/logs").json())
     assert jobs[c]["attempts"] == 0
     stopped_at = api.get(f"/v1/jobs/{d}/metrics").json()[-1]["step"]
-    assert (tmp_path / "ckpt-d" / f"step-{stopped_at:08d}" / "meta.json").exists()  # the cancel lost nothing
+    ckpt_d = Path(api.get(f"/v1/jobs/{d}").json()["spec"]["checkpoint"]["dir"])
+    assert ckpt_d.name == "ckpt-d" and ckpt_d.parent.name == d
+    assert (ckpt_d / f"step-{stopped_at:08d}" / "meta.json").exists()  # the cancel lost nothing
     states = [e["to_state"] for e in api.get(f"/v1/jobs/{d}/events").json() if e["to_state"]]
     assert states == ["QUEUED", "STARTING", "RUNNING", "CANCELLED"]
     text = api.get("/metrics").text

@@ -145,6 +145,17 @@ def test_text_directory(tmp_path):
     assert not torch.equal(reseeded.sample(7), again.sample(7))
 
 
+def test_text_directory_reads_a_symlinked_file_only_when_it_stays_inside(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("inside a\n")
+    (tmp_path / "secret.txt").write_text("SECRET\n")
+    (root / "b.txt").symlink_to(root / "a.txt")  # inside: read
+    (root / "c.txt").symlink_to(tmp_path / "secret.txt")  # outside: skipped
+    source = build_source(DataConfig(source="text", path=str(root)), 4, 0, 512)
+    assert source.tokens.tobytes() == SEPARATOR.join([b"inside a\n", b"inside a\n"])
+
+
 def test_text_max_bytes_and_offset_range(tmp_path):
     root = make_text_dir(tmp_path)
     capped = build_source(DataConfig(source="text", path=str(root), max_bytes=70), SEQ, 0, 256)

@@ -43,8 +43,8 @@ class FakeGroup:
     def not_ready(self) -> str:
         return "the cluster has no room"
 
-    def launch(self, spec: dict) -> None:
-        self.launched, self.spec = True, spec
+    def launch(self, spec: dict, storage: dict | None = None) -> None:
+        self.launched, self.spec, self.storage = True, spec, storage
 
     def poll(self) -> Status:
         status, self.status = self.status, Status(self.status.state, [], training=self.status.training)
@@ -176,6 +176,25 @@ def test_past_max_failures_the_job_fails_with_the_cause(store: Store) -> None:
     assert job_record.failure_reason == (
         "hang: no progress for 301 s; behind: rank 1 (last phase data, step 4) (failed 2 times; restart.max_failures=1)"
     )
+
+
+def test_a_storage_refusal_on_a_rank_fails_the_job_without_a_restart(store: Store) -> None:
+    sup = _supervisor(store, Cluster())
+    grant = {"job_dir": "/ws/u/j", "read": ["/data"], "write": ["/ws/u/j"], "reserved": []}
+    spec = build_config({**SPEC, "restart": {"max_failures": 3, "backoff_s": 0}}).model_dump(mode="json", by_alias=True)
+    job, _ = store.create_job(spec, "ada", "t", storage=grant)
+    sup.tick()
+    group = FakeGroup.made[-1]
+    sup.tick()  # launch: the ranks get the job's grant to check the paths against again
+    assert group.storage == grant
+    refused = (
+        "StorageRefused: data.path=/data/x: now resolves to /etc/shadow (a link changed since the job was checked)"
+    )
+    group.status = Status("failed", error=f"rank 0 (node node-a) raised: {refused}")
+    sup.tick()
+    record = store.get_job(job.id)
+    assert record.state == JobState.FAILED and record.attempts == 1
+    assert record.failure_reason == f"rank 0 (node node-a) raised: {refused}"
 
 
 def test_a_cancel_does_not_wait_out_the_backoff(store: Store) -> None:
