@@ -147,6 +147,10 @@ class Tokens:
         """A new token for `user`: (the token, shown this once; its record). Raises ValueError for a bad
         user name or expiry."""
         check_user_name(user)
+        if user == "admin" and not admin:  # FOURFOLD_ADMIN_TOKEN's user: a plain token must not own its jobs
+            raise ValueError(
+                "user 'admin' is the admin token's user; make it an admin token (--admin) or pick another name"
+            )
         now = utcnow()
         if expires_in is not None and expires_at is not None:
             raise ValueError("expires_in, expires_at: give one, not both")

@@ -132,7 +132,11 @@ def test_bad_user_names(name: str) -> None:
 def test_create_checks_the_user_name(tokens: Tokens) -> None:
     with pytest.raises(ValueError, match=r"user '\.\./x': not a valid user name"):
         tokens.create("../x")
+    with pytest.raises(ValueError, match=r"user 'admin' is the admin token's user"):
+        tokens.create("admin")  # a plain token would own the admin token's jobs
     assert not tokens.any_exist()
+    _, record = tokens.create("admin", admin=True)
+    assert record.admin
 
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
