@@ -3,7 +3,7 @@
     app = create_app(Settings(data_dir="runs/svc"), supervise=True)   # supervise: run jobs on Ray
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes under /v1 (jobs, cluster), plus /healthz and /metrics (Prometheus). With
+Routes under /v1 (api/routes/: jobs, audit, cluster), plus /healthz and /metrics (Prometheus). With
 `supervise=False` (tests of the API alone) jobs are stored and stay QUEUED.
 """
 
@@ -19,9 +19,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from api import dashboard, errors, openapi
-from api.deps import CallerDep, MetricsDep, StoreDep
-from api.routes import audit, jobs
-from api.schemas import Cluster, Health
+from api import state as app_state
+from api.deps import MetricsDep, StoreDep
+from api.routes import audit, cluster, jobs
+from api.schemas import Health
 from api.tickets import TicketBook
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -33,30 +34,31 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = store or Store(settings.db_url)
+        state = app_state.of(app)
+        state.store = store or Store(settings.db_url)
         prepare_storage(settings)
-        app.state.supervisor = None
+        state.supervisor = None
         if supervise:
             from service.supervisor import Supervisor
             from workers.run import connect
 
             connect()
-            app.state.supervisor = Supervisor(app.state.store, app.state.metrics, settings.poll_s)
-            app.state.supervisor.start()
+            state.supervisor = Supervisor(state.store, state.metrics, settings.poll_s)
+            state.supervisor.start()
         yield
-        if app.state.supervisor is not None:
-            app.state.supervisor.stop()
+        if state.supervisor is not None:
+            state.supervisor.stop()
         if store is None:
-            app.state.store.close()
+            state.store.close()
 
     app = FastAPI(title="fourfold", version="0.1.0", lifespan=lifespan)
     errors.install(app)  # every error, ours or the framework's, is {"detail": "<field>: <what is wrong>"}
     openapi.install(app, auth_on=lambda: _auth_on(app))
-    app.state.settings = settings
-    app.state.metrics = ServiceMetrics()
-    app.state.tickets = TicketBook()  # the event streams' one-time tickets (api/tickets.py)
+    state = app_state.of(app)
+    state.settings, state.metrics, state.tickets, state.tokens = settings, ServiceMetrics(), TicketBook(), None
     app.include_router(jobs.router)
     app.include_router(audit.router)
+    app.include_router(cluster.router)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next: Any) -> Response:
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        app.state.metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(
+        state.metrics.request_latency.labels(request.method, path, str(response.status_code)).observe(
             time.perf_counter() - start
         )
         return response
@@ -86,25 +88,6 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
         metrics.set_queue_wait(store.oldest_queued_at())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get(
-        "/v1/cluster",
-        tags=["system"],
-        response_model=Cluster,
-        operation_id="cluster",
-        summary="The Ray cluster's nodes and what the service's jobs leave free on them",
-        responses=errors.error_responses(auth=True),
-    )
-    def cluster(request: Request, caller: CallerDep) -> dict[str, Any]:
-        sup = request.app.state.supervisor
-        if sup is None:
-            return {"connected": False, "nodes": []}
-        free, total = sup.free_resources()
-        nodes = [
-            {"id": node, "total": _slots(res), "free": _slots(free.get(node, {}))}
-            for node, res in sorted(total.items())
-        ]
-        return {"connected": True, "nodes": nodes, "running_jobs": sorted(sup.running)}
-
     dashboard.mount(app)
     return app
 
@@ -114,8 +97,9 @@ def _auth_on(app: FastAPI) -> bool:
     environment, or any token ever made in the store."""
     from service.tokens import Tokens, auth_required
 
-    store = getattr(app.state, "store", None)  # before the lifespan starts: environment tokens only
-    return auth_required(app.state.settings.auth_enabled, Tokens(store) if store is not None else None)
+    state = app_state.of(app)
+    store = getattr(state, "store", None)  # before the lifespan starts: environment tokens only
+    return auth_required(state.settings.auth_enabled, Tokens(store) if store is not None else None)
 
 
 def prepare_storage(settings: Settings) -> None:
@@ -124,7 +108,3 @@ def prepare_storage(settings: Settings) -> None:
     for place in (policy.workspace, *policy.data_roots):
         if "://" not in place:
             Path(place).mkdir(parents=True, exist_ok=True)
-
-
-def _slots(res: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")}

@@ -1,19 +1,29 @@
-"""Shared dependencies of the routes: the store, the caller, the supervisor's metrics."""
+"""Shared dependencies of the routes: the store, the caller, the job the caller asks about, the
+supervisor's metrics, and the refusal of query parameters a route does not take.
+
+    @router.get("/{job_id}")
+    def get_job(job: OwnedJob) -> JobPublic: ...      # 404 unless the caller may see it
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import state as app_state
+from api.errors import unprocessable
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from service.store import Store
+from service.store import JobRecord, Store
 from service.tokens import Tokens, auth_required
 
 _bearer = HTTPBearer(auto_error=False)
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_INT = 2**31 - 1  # what every integer column holds
 
 
 @dataclass(frozen=True)
@@ -28,23 +38,23 @@ class Caller:
 
 
 def get_store(request: Request) -> Store:
-    return request.app.state.store
+    return app_state.of(request.app).store
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return app_state.of(request.app).settings
 
 
 def get_metrics(request: Request) -> ServiceMetrics:
-    return request.app.state.metrics
+    return app_state.of(request.app).metrics
 
 
 def get_tokens(request: Request) -> Tokens:
     """The store's tokens table (made once per store and kept on the app; it caches no token)."""
-    store = get_store(request)
-    tokens = getattr(request.app.state, "tokens", None)
-    if tokens is None or tokens.store is not store:
-        tokens = request.app.state.tokens = Tokens(store)
+    state = app_state.of(request.app)
+    tokens = getattr(state, "tokens", None)
+    if tokens is None or tokens.store is not state.store:
+        tokens = state.tokens = Tokens(state.store)
     return tokens
 
 
@@ -75,3 +85,43 @@ StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+Position = Annotated[int, Query(ge=0, le=MAX_INT)]
+"""An offset, a step or an id to read after."""
+
+
+def find_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
+    """The job, if `caller` may see it (its owner, or an admin); else 404."""
+    job = store.get_job(job_id, owner=caller.owner_filter) if JOB_ID.match(job_id) else None
+    if job is None:  # another user's job looks exactly like a missing one
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    return job
+
+
+def owned_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobRecord:
+    """The path's job, as the bearer token's caller may see it (the stream's: api/tickets.StreamJob)."""
+    return find_job(store, job_id, caller)
+
+
+OwnedJob = Annotated[JobRecord, Depends(owned_job)]
+
+
+def known_query(request: Request) -> None:
+    """Refuse query parameters the route does not take, and repeated ones: `?status=RUNNING` for
+    `?state=RUNNING` must not silently list everything."""
+    route = request.scope.get("route")
+    allowed = _query_names(route.dependant) if route is not None else set()
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        valid = ", ".join(sorted(allowed)) or "none"
+        raise unprocessable(f"query: unknown parameter {', '.join(unknown)}; valid: {valid}")
+    repeated = sorted(k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1)
+    if repeated:
+        raise unprocessable(f"query: {', '.join(repeated)} given more than once")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route reads, its dependencies' included (the stream's `ticket`)."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

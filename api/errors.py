@@ -18,7 +18,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
@@ -75,6 +75,11 @@ def error_responses(*codes: int, auth: bool = False) -> dict[int | str, dict[str
     if auth:
         out[401] = error_response(401, auth_only=True)
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def unprocessable(message: str) -> HTTPException:
+    """A 422 naming the field: `unprocessable("train.steps=9: at most 5 on this service")`."""
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
 
 
 def _body(code: int, detail: str, headers: dict[str, str] | None = None) -> Response:

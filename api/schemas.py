@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
-from service.states import JobState
+from service.states import TERMINAL, JobState
 from service.store import JobRecord, MetricRecord
 
 
@@ -32,6 +32,13 @@ class JobSummary(BaseModel):
     loss: float | None = None
     tokens_per_s: float | None = None
     mfu: float | None = None
+
+    @computed_field
+    @property
+    def finished(self) -> bool:
+        """Whether the job has ended: its state is terminal and will not change again (clients stop
+        following it here rather than keeping their own list of terminal states)."""
+        return self.state in TERMINAL
 
     @classmethod
     def of(cls, job: JobRecord, latest: MetricRecord | None = None) -> Any:

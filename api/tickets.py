@@ -9,7 +9,9 @@ then opens `GET /v1/jobs/{id}/stream?ticket=...`. A ticket opens that job's stre
 60 s, as the user who asked for it (an admin's ticket as admin); then it is gone, so one seen in a
 log is already useless. Tickets live in this process's memory (`app.state.tickets`): expired ones
 are dropped whenever a ticket is issued, a user holds at most `PER_USER` (a new one replaces that
-user's oldest) and the process at most `MAX_OUTSTANDING`.
+user's oldest) and the process at most `MAX_OUTSTANDING`. The stream route takes its job as
+`StreamJob`: the ticket's (or the header's) caller, then that job as the caller may see it (404 for
+another user's, as `api.deps.OwnedJob` on every other job route).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
-from api.deps import Caller, get_caller
+from api import state as app_state
+from api.deps import Caller, StoreDep, find_job, get_caller
+from service.store import JobRecord
 
 TTL_S = 60
 PER_USER = 16  # one per open dashboard tab and reconnect is plenty
@@ -96,7 +100,7 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 def book(app: FastAPI) -> TicketBook:
-    return app.state.tickets
+    return app_state.of(app).tickets
 
 
 def _or_refusal(dependency: Callable[..., Caller]) -> Callable[..., Caller | HTTPException]:
@@ -134,3 +138,11 @@ def stream_caller(
 
 
 StreamCallerDep = Annotated[Caller, Depends(stream_caller)]
+
+
+def stream_job(job_id: str, store: StoreDep, caller: StreamCallerDep) -> JobRecord:
+    """The stream's job, as its caller (by ticket or by header) may see it: 404 as on every job route."""
+    return find_job(store, job_id, caller)
+
+
+StreamJob = Annotated[JobRecord, Depends(stream_job)]

@@ -12,17 +12,18 @@ could not fit even on the empty cluster is refused with the planner's reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from parallel.config import Config, ConfigError, build_config
 from service.recovery import fit
-from workers.placement import Plan, make_plan, nodes_for, unit_of
+from service.resources import Resources, take
+from workers.placement import Plan, bundles_of, make_plan, nodes_for, unit_of
 
 
 @dataclass
 class Decision:
     job_id: str
-    action: str  # start | refuse
+    action: Literal["start", "refuse"]
     cfg: Config | None = None
     plan: Plan | None = None
     reason: str = ""
@@ -30,13 +31,12 @@ class Decision:
 
 def admit(
     queued: list[Any],
-    free: dict[str, dict[str, float]],
-    total: dict[str, dict[str, float]],
+    free: Resources,
+    total: Resources,
 ) -> list[Decision]:
     """queued: job records (id, spec) in queue order; free/total: node id -> resources."""
     if not total:  # no node has joined yet: nothing to decide
         return []
-    free = {node: dict(res) for node, res in free.items()}
     out: list[Decision] = []
     for job in queued:
         try:
@@ -50,10 +50,6 @@ def admit(
         if fitted is None:
             break  # the head of the queue waits for room; nothing overtakes it
         cfg, plan = fitted
-        for node in plan.nodes():
-            n = len(plan.on_node(node))
-            free[node]["CPU"] = round(free[node].get("CPU", 0) - n * cfg.resources.cpus_per_rank, 4)
-            if cfg.resources.accelerator == "gpu":
-                free[node]["GPU"] = free[node].get("GPU", 0) - n
+        free = take(free, bundles_of(plan, cfg.resources))
         out.append(Decision(job.id, "start", cfg, plan))
     return out

@@ -1,4 +1,4 @@
-"""Job states of the control plane and the one table of transitions allowed between them.
+"""Job states and attempt phases of the control plane, each with the one table of changes allowed.
 
 Every state change of a job goes through `check_transition`, which raises `InvalidTransition`
 (a `ValueError`) naming the job, both states and what would have been allowed:
@@ -60,3 +60,49 @@ def check_transition(job_id: str, current: JobState, new: JobState) -> None:
     """Raise `InvalidTransition` unless `current -> new` is in `TRANSITIONS`."""
     if JobState(new) not in TRANSITIONS[JobState(current)]:
         raise InvalidTransition(job_id, current, new)
+
+
+class AttemptPhase(StrEnum):
+    """Where one attempt of a job is; `service.attempt` decides the next phase from what it sees."""
+
+    RESERVING = "reserving"  # its placement group is asked for, not ready yet
+    STARTING = "starting"  # ranks launched, not all of them training yet
+    TRAINING = "training"
+    RESIZING = "resizing"  # stopping at its next checkpoint, to restart at a larger dp
+    STOPPING = "stopping"  # a cancel: ranks stop after the current step (checkpointing first)
+    FINISHED = "finished"  # ended one way or another (its AttemptOutcome says which)
+
+
+PHASES: dict[AttemptPhase, frozenset[AttemptPhase]] = {
+    AttemptPhase.RESERVING: frozenset({AttemptPhase.STARTING, AttemptPhase.FINISHED}),
+    AttemptPhase.STARTING: frozenset({AttemptPhase.TRAINING, AttemptPhase.STOPPING, AttemptPhase.FINISHED}),
+    AttemptPhase.TRAINING: frozenset({AttemptPhase.RESIZING, AttemptPhase.STOPPING, AttemptPhase.FINISHED}),
+    AttemptPhase.RESIZING: frozenset({AttemptPhase.STOPPING, AttemptPhase.FINISHED}),  # a cancel overrides
+    AttemptPhase.STOPPING: frozenset({AttemptPhase.FINISHED}),
+    AttemptPhase.FINISHED: frozenset(),
+}
+
+
+def check_phase(job_id: str, current: AttemptPhase, new: AttemptPhase) -> None:
+    """Raise ValueError unless `current -> new` is in `PHASES` (staying in a phase is no change)."""
+    if new != current and new not in PHASES[current]:
+        allowed = ", ".join(sorted(PHASES[current])) or "none"
+        raise ValueError(f"job {job_id}: an attempt cannot go from {current} to {new} (allowed next: {allowed})")
+
+
+class AttemptOutcome(StrEnum):
+    """How an attempt ended. interrupted: the service stopped (or died) while it ran, which is not one
+    of the job's failures."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    STOPPED = "stopped"  # stopped to restart at another dp
+    INTERRUPTED = "interrupted"
+
+
+class EventKind(StrEnum):
+    STATE = "state"  # a job state change
+    CANCEL = "cancel"  # a caller asked to cancel
+    FAILURE = "failure"  # an attempt failed (its cause)
+    RECOVERY = "recovery"  # training resumed after a failure (how long it took)

@@ -26,19 +26,19 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.changes import Change
 from service.db import make_engine, session_factory, upgrade, writer
 from service.models import Attempt, CheckpointRecord, Event, Job, LogLine, Metric, new_job_id, utcnow
 from service.quota import Quota, QuotaExceeded
 from service.records import AttemptRecord, CheckpointRecordOut, EventRecord, JobRecord, LogRecord, MetricRecord
-from service.states import ACTIVE, TERMINAL, JobState, check_transition
+from service.states import ACTIVE, TERMINAL, AttemptOutcome, EventKind, JobState, check_transition
 
 __all__ = [
     "AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Quota",
-    "QuotaExceeded", "Store", "new_job_id",
+    "Change", "QuotaExceeded", "Store", "new_job_id",
 ]  # fmt: skip
 
-# interrupted: the service stopped (or died) while the attempt ran; it is not one of the job's failures.
-OUTCOMES = frozenset({"succeeded", "failed", "cancelled", "stopped", "interrupted"})
+OUTCOMES = frozenset(AttemptOutcome)
 _FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
 
 
@@ -112,7 +112,7 @@ class Store:
                 session.add(job)
                 session.flush()
                 session.add(
-                    Event(job_id=job.id, time=now, kind="state", to_state=job.state, message="submitted",
+                    Event(job_id=job.id, time=now, kind=EventKind.STATE.value, to_state=job.state, message="submitted",
                           actor=owner, address=address)
                 )  # fmt: skip
                 record = JobRecord.model_validate(job)
@@ -176,8 +176,45 @@ class Store:
         if new is JobState.FAILED:
             job.failure_reason = reason
         session.add(
-            Event(job_id=job.id, time=now, kind="state", from_state=current.value, to_state=new.value, message=reason)
+            Event(
+                job_id=job.id,
+                time=now,
+                kind=EventKind.STATE.value,
+                from_state=current.value,
+                to_state=new.value,
+                message=reason,
+            )
         )
+
+    def apply(self, job_id: str, change: Change) -> int | None:
+        """Write one lifecycle change (`service.changes.Change`) in one transaction, under the job's
+        row lock; returns the new attempt's number when the change starts one."""
+        with self._tx() as session:
+            job = self._locked_job(session, job_id)
+            now = utcnow()
+            if change.close_open is not None:
+                outcome, reason = change.close_open
+                rows = select(Attempt).where(Attempt.job_id == job_id, Attempt.outcome.is_(None)).with_for_update()
+                for attempt in session.scalars(rows).all():
+                    attempt.finished_at, attempt.outcome, attempt.reason = now, AttemptOutcome(outcome).value, reason
+            if change.end_attempt is not None:
+                number, outcome, reason = change.end_attempt
+                attempt = self._locked_attempt(session, job_id, number)
+                attempt.finished_at, attempt.outcome, attempt.reason = now, AttemptOutcome(outcome).value, reason
+            if change.recovery is not None:
+                number, seconds = change.recovery
+                self._locked_attempt(session, job_id, number).recovery_s = float(seconds)
+            for kind, message in change.events:
+                session.add(Event(job_id=job_id, time=now, kind=EventKind(kind).value, message=message))
+            for state, reason in change.states:
+                self._apply(session, job, JobState(state), reason)
+            number = None
+            if change.new_attempt:
+                job.attempts += 1
+                number = job.attempts
+                session.add(Attempt(job_id=job_id, number=number, started_at=now))
+            session.add_all(LogLine(job_id=job_id, time=now, line=line) for line in change.logs)
+            return number
 
     def request_cancel(self, job_id: str, actor: str | None = None, address: str | None = None) -> JobRecord:
         """Flag the job for cancellation; a QUEUED job is CANCELLED at once. A no-op on a finished job.
@@ -190,7 +227,14 @@ class Store:
             job.updated_at = utcnow()
             message = "cancel requested" + (f" by {actor}" if actor else "")
             session.add(
-                Event(job_id=job.id, time=job.updated_at, kind="cancel", message=message, actor=actor, address=address)
+                Event(
+                    job_id=job.id,
+                    time=job.updated_at,
+                    kind=EventKind.CANCEL.value,
+                    message=message,
+                    actor=actor,
+                    address=address,
+                )
             )
             if job.state == JobState.QUEUED:
                 self._apply(session, job, JobState.CANCELLED, "cancelled while queued")
@@ -241,6 +285,7 @@ class Store:
         """Close an attempt with an outcome: succeeded, failed, cancelled, stopped or interrupted."""
         if outcome not in OUTCOMES:
             raise ValueError(f"attempt outcome {outcome!r} is not one of {', '.join(sorted(OUTCOMES))}")
+        outcome = AttemptOutcome(outcome).value
         with self._tx() as session:
             attempt = self._locked_attempt(session, job_id, number)
             attempt.finished_at = utcnow()

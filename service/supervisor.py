@@ -5,24 +5,25 @@
     ...
     sup.stop()                            # ranks stop at a step boundary (checkpointed); jobs resume later
 
-Each tick, for every job it runs: launch its ranks once its placement group is ready (or
-fail the attempt when it never is), store new step metrics and a log line per step, move
-STARTING to RUNNING once every rank trains, carry out a requested cancel (ranks stop at a
-step boundary, saving a checkpoint when configured), grow an elastic job back to its full
-dp at its next checkpoint when room returns, and detect failures: a rank that raised, a
-worker process that died, a hang (`workers.health`: silent ranks, or no progress for
-restart.hang_timeout_s). A failed attempt is torn down completely, then the job restarts
-(RESTARTING -> STARTING -> RUNNING) from its newest complete checkpoint after an exponential
-backoff, at the largest dp that fits (down to parallel.dp_min), until restart.max_failures.
-The time from detection to the new attempt's first step is its recovery time (stored with
-the attempt, exported, shown on the job page). Then queued jobs are admitted
-(`service.scheduler.admit`) onto the slots running jobs do not hold.
+Each running job has one attempt in a phase (`service.attempt`): RESERVING its placement group,
+STARTING its ranks, TRAINING, STOPPING for a cancel, RESIZING to grow back, FINISHED. Every tick
+the supervisor observes each attempt, asks its phase's function what comes next, and carries that
+out: launch the ranks, store step metrics and log lines, move the job to RUNNING once every rank
+trains, ask the ranks to stop, and end the attempt. A failed attempt (a rank that raised, a worker
+process that died, a hang, a placement that never came) is torn down completely, then the job
+restarts (RESTARTING -> STARTING -> RUNNING) from its newest complete checkpoint after an
+exponential backoff, at the largest dp that fits (down to parallel.dp_min), until
+restart.max_failures. The time from detection to the new attempt's first step is its recovery
+time. Then queued jobs are admitted (`service.scheduler.admit`) onto what running jobs leave free
+(`service.resources`).
 
-Active jobs the supervisor does not hold (left by a service process that died, whose
-workers Ray removes with it) are adopted: whatever of theirs is left on the cluster is
+Every lifecycle change (an attempt ended with its outcome, event, log line and state change; an
+attempt started; a job adopted) is one store transaction (`service.changes.Change`), so a service
+that dies anywhere leaves each job before or after a change. Active jobs no part of this supervisor
+holds (left by a service that died) are adopted: whatever of theirs is left on the cluster is
 removed first, so nothing runs twice, then they restart from their checkpoints.
 
-Nothing here knows about HTTP, and Ray only through `workers` (tests pass fakes).
+Nothing here knows about HTTP, and Ray only through the Protocols of `service.attempt` (tests pass fakes).
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from parallel.checkpoint import list_checkpoints
 from parallel.config import Config, build_config
+from service import attempt as phases
+from service.attempt import TRAINING_REASON, Attempt, ClusterResources, End, GroupFactory, RemoveLeftovers, Seen
+from service.changes import Change
 from service.metrics import ServiceMetrics
 from service.recovery import backoff_s, fit, resume_spec
+from service.resources import Resources, free_of, give_back
 from service.scheduler import admit
-from service.states import JobState
-from service.store import Store
+from service.states import AttemptOutcome, AttemptPhase, EventKind, JobState, check_phase
+from service.store import JobRecord, Store
 from workers.group import WorkerGroup, node_resources, remove_leftovers
 from workers.placement import Plan
 
@@ -48,23 +52,8 @@ log = logging.getLogger("fourfold.supervisor")
 CANCEL_GRACE_S = 60.0  # a cancelled job's ranks get this long to stop at a step boundary
 SHUTDOWN_GRACE_S = 30.0  # at service stop, ranks get this long to stop (and checkpoint) before they are killed
 READY_TIMEOUT_S = 60.0  # a placement group not ready by then fails the attempt
-# A rank that failed with one of these fails the same way on every restart: the job ends at once.
-PERMANENT_ERRORS = ("StorageRefused:",)
 NODE_VERDICT_S = 30.0  # how long a restart waits for Ray to declare dead a node whose ranks stopped answering
-
-
-@dataclass
-class Running:
-    group: Any  # a WorkerGroup
-    attempt: int
-    spec: dict[str, Any]
-    failures: int = 0  # failures of this job so far
-    recover_from: float | None = None  # monotonic time a failure was detected, until training resumes
-    cause: str = ""
-    stopping_since: float | None = None
-    growing_to: int | None = None  # stopping at the next checkpoint to restart at this larger dp
-    last_step: int = 0
-    saw_training: bool = False
+_ENDS = {AttemptOutcome.SUCCEEDED: JobState.SUCCEEDED, AttemptOutcome.CANCELLED: JobState.CANCELLED}
 
 
 @dataclass
@@ -86,22 +75,22 @@ class Supervisor:
         store: Store,
         metrics: ServiceMetrics | None = None,
         poll_s: float = 0.5,
-        group_factory: Callable[..., Any] = WorkerGroup,
-        resources: Callable[[], dict[str, dict[str, float]]] = node_resources,
-        leftovers: Callable[[list[str]], int] = remove_leftovers,
+        group_factory: GroupFactory = WorkerGroup,
+        resources: ClusterResources = node_resources,
+        leftovers: RemoveLeftovers = remove_leftovers,
         ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         """group_factory, resources and leftovers reach Ray through `workers`; tests pass fakes."""
         self.store, self.metrics, self.poll_s = store, metrics or ServiceMetrics(), poll_s
         self.ready_timeout_s = ready_timeout_s
         self.group_factory, self.resources, self.leftovers = group_factory, resources, leftovers
-        self.running: dict[str, Running] = {}
+        self.running: dict[str, Attempt] = {}
         self.restarting: dict[str, Pending] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
 
-    # -- lifecycle -----------------------------------------------------------------
+    # -- lifecycle of the supervisor ---------------------------------------------------
     def start(self) -> None:
         with self._lock:
             self._adopt("the service restarted while this job ran; its workers went with the old process")
@@ -115,19 +104,22 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
-            for run in self.running.values():
-                if run.group.launched:
-                    run.group.request_stop()
+            for att in self.running.values():
+                if att.group.launched:
+                    att.group.request_stop()
             deadline = time.monotonic() + SHUTDOWN_GRACE_S
-            for job_id, run in list(self.running.items()):
-                if run.group.launched:
-                    status = run.group.wait(max(deadline - time.monotonic(), 0.1))
-                    self._store_metrics(job_id, run, status.metrics)
+            for job_id, att in list(self.running.items()):
+                if att.group.launched:
+                    status = att.group.wait(max(deadline - time.monotonic(), 0.1))
+                    self._store_metrics(job_id, att, status.metrics)
                 self.running.pop(job_id)
-                self._teardown(job_id, run)
-                self.store.finish_attempt(job_id, run.attempt, "interrupted", "the service stopped")
+                self._teardown(job_id, att)
                 reason = "the service stopped; the job resumes from its newest checkpoint when the service starts"
-                self.store.transition(job_id, JobState.RESTARTING, reason)
+                change = Change(
+                    end_attempt=(att.number, AttemptOutcome.INTERRUPTED, "the service stopped"),
+                    states=((JobState.RESTARTING, reason),),
+                )
+                self.store.apply(job_id, change)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -145,7 +137,8 @@ class Supervisor:
                 except Exception as err:  # e.g. a Ray call on a lost node: fail this job, not the loop
                     log.exception("watching job %s failed", job_id)
                     if job_id in self.running:
-                        self._failed(job_id, self.running[job_id], f"lost contact with the job's workers: {err}")
+                        cause = f"lost contact with the job's workers: {err}"
+                        self._finish(job_id, self.running[job_id], End(AttemptOutcome.FAILED, cause))
             self._adopt("the supervisor lost track of this job")
             self._restart_due()
             self._admit()
@@ -161,149 +154,169 @@ class Supervisor:
         found = self.leftovers([j.id for j in orphans])
         now = time.monotonic()
         for job in orphans:
-            self.store.close_open_attempts(job.id, "interrupted", cause)
-            failures = sum(a.outcome == "failed" for a in self.store.attempts(job.id))
             note = f"; removed {found} leftover actor(s) and placement group(s) first" if found else ""
-            if job.state != JobState.RESTARTING:
-                self.store.transition(job.id, JobState.RESTARTING, f"{cause}; restarting from the newest checkpoint")
-            self.store.append_logs(job.id, [f"adopted: {cause}{note}"])
+            restart = f"{cause}; restarting from the newest checkpoint"
+            states = ((JobState.RESTARTING, restart),) if job.state != JobState.RESTARTING else ()
+            change = Change(
+                close_open=(AttemptOutcome.INTERRUPTED, cause), states=states, logs=(f"adopted: {cause}{note}",)
+            )
+            self.store.apply(job.id, change)
+            failures = sum(a.outcome == AttemptOutcome.FAILED for a in self.store.attempts(job.id))
             self.restarting[job.id] = Pending(now, failures, cause, now)
 
-    # -- running jobs --------------------------------------------------------------
-    def _watch(self, job_id: str, run: Running) -> None:
+    # -- one attempt: observe, decide by phase, carry out ----------------------------------
+    def _watch(self, job_id: str, att: Attempt) -> None:
         job = self.store.get_job(job_id)
-        group = run.group
-        if not group.launched:  # waiting for the placement group
-            if job is not None and job.cancel_requested:
-                self._end(job_id, JobState.CANCELLED, "cancelled while waiting for room", "cancelled")
-            elif group.is_ready():
-                try:
-                    group.launch(run.spec, job.storage if job is not None else None)
-                except Exception as err:  # an actor that never started, a bundle on the wrong node
-                    self._failed(job_id, run, f"could not start the ranks: {err}")
-                    return
-                self.store.append_logs(
-                    job_id, [f"attempt {run.attempt}: {group.cfg.parallel.world_size} ranks started"]
-                )
-            elif time.monotonic() - group.reserved_at > self.ready_timeout_s:
-                self._failed(job_id, run, f"placement group never became ready: {group.not_ready()}")
+        cancel = job is not None and job.cancel_requested
+        if att.phase is AttemptPhase.RESERVING:
+            self._reserving(job_id, job, att, cancel)
             return
-        if job is not None and job.cancel_requested and (run.stopping_since is None or run.growing_to is not None):
-            run.stopping_since, run.growing_to = time.monotonic(), None
-            group.request_stop()
+        grow_to = None
+        if att.phase is AttemptPhase.TRAINING and not cancel and job is not None:
+            grow_to = self._room_to_grow(job, att)
+        asked = phases.requested(att.phase, cancel, grow_to)
+        if asked is AttemptPhase.STOPPING and att.phase is not AttemptPhase.STOPPING:
+            self._enter(job_id, att, asked)
+            att.group.request_stop()
             self.store.append_logs(job_id, ["cancel requested: ranks stop after the current step"])
-        elif job is not None and run.stopping_since is None and run.saw_training:
-            self._maybe_grow(job, run)
-        status = group.poll()
-        self._store_metrics(job_id, run, status.metrics, job)
-        if (status.metrics or status.training) and not run.saw_training:
-            run.saw_training = True
-            self.store.transition(job_id, JobState.RUNNING, "every rank joined; training")
-        if status.state == "succeeded":
-            self._end(job_id, JobState.SUCCEEDED, f"finished {run.last_step} steps", "succeeded")
-        elif status.state == "stopped" and run.growing_to is not None:
-            self.running.pop(job_id)
-            self._teardown(job_id, run)
-            self.store.finish_attempt(job_id, run.attempt, "stopped", f"stopped to grow to dp={run.growing_to}")
-            reason = f"room for dp={run.growing_to} again: checkpointed at step {run.last_step}, growing back"
-            self.store.transition(job_id, JobState.RESTARTING, reason)
-            self.restarting[job_id] = Pending(time.monotonic(), run.failures, "growing back", None)
-        elif status.state == "stopped":
-            self._end(job_id, JobState.CANCELLED, f"cancelled; stopped after step {run.last_step}", "cancelled")
-        elif status.state == "failed":
-            cause = status.error or "a rank failed"
-            permanent = any(f"raised: {kind}" in cause for kind in PERMANENT_ERRORS)  # the same on every try
-            self._failed(job_id, run, cause, suspects=status.unreachable_nodes, permanent=permanent)
-        elif hang := group.hang():
-            self._failed(job_id, run, hang)
-        elif run.stopping_since is not None and run.growing_to is None and self._past_grace(run):
-            self._end(job_id, JobState.CANCELLED, "cancelled; ranks did not stop in time and were killed", "cancelled")
+        elif asked is AttemptPhase.RESIZING and att.phase is not AttemptPhase.RESIZING:
+            self._enter(job_id, att, asked)
+            att.grow_to = grow_to
+            att.group.request_stop(at_checkpoint=True)
+            self.store.append_logs(job_id, [f"room for dp={grow_to}: stopping at the next checkpoint to grow back"])
+        status = att.group.poll()
+        self._store_metrics(job_id, att, status.metrics, job)
+        trains = bool(status.metrics or status.training)
+        if trains and job is not None and job.state == JobState.STARTING:
+            self.store.transition(job_id, JobState.RUNNING, TRAINING_REASON)
+        hang = att.group.hang() if status.state == "running" else None
+        past_grace = time.monotonic() - att.since > CANCEL_GRACE_S
+        seen = Seen(status, hang=hang, past_grace=past_grace, last_step=att.last_step)
+        if att.phase is AttemptPhase.STARTING:
+            phase, end = phases.starting(seen, trains)
+        elif att.phase is AttemptPhase.TRAINING:
+            phase, end = phases.training(seen)
+        elif att.phase is AttemptPhase.RESIZING:
+            phase, end = phases.resizing(seen, att.grow_to or 0)
+        else:
+            phase, end = phases.stopping(seen)
+        if end is not None:
+            self._finish(job_id, att, end)
+        else:
+            self._enter(job_id, att, phase)
 
-    @staticmethod
-    def _past_grace(run: Running) -> bool:
-        return run.stopping_since is not None and time.monotonic() - run.stopping_since > CANCEL_GRACE_S
+    def _reserving(self, job_id: str, job: JobRecord | None, att: Attempt, cancel: bool) -> None:
+        group = att.group
+        ready = not cancel and group.is_ready()
+        late = None
+        if not ready and time.monotonic() - group.reserved_at > self.ready_timeout_s:
+            late = f"placement group never became ready: {group.not_ready()}"
+        phase, end = phases.reserving(cancel, ready, late)
+        if end is not None:
+            self._finish(job_id, att, end)
+            return
+        if phase is AttemptPhase.STARTING:
+            try:
+                group.launch(att.spec, job.storage if job is not None else None)
+            except Exception as err:  # an actor that never started, a bundle on the wrong node
+                self._finish(job_id, att, End(AttemptOutcome.FAILED, f"could not start the ranks: {err}"))
+                return
+            self.store.append_logs(job_id, [f"attempt {att.number}: {group.cfg.parallel.world_size} ranks started"])
+            self._enter(job_id, att, phase)
 
-    def _store_metrics(self, job_id: str, run: Running, metrics: list[dict[str, Any]], job: Any = None) -> None:
+    def _enter(self, job_id: str, att: Attempt, phase: AttemptPhase) -> None:
+        if phase is att.phase:
+            return
+        check_phase(job_id, att.phase, phase)
+        att.phase, att.since = phase, time.monotonic()
+
+    def _room_to_grow(self, job: JobRecord, att: Attempt) -> int | None:
+        """A job running below its spec's dp (it shrank when a node went) grows back once the
+        cluster, counting the slots it holds now, fits a larger dp: the dp to grow to, or None."""
+        if att.group.cfg.parallel.dp >= job.spec["parallel"]["dp"] or not att.group.cfg.checkpoint.dir:
+            return None
+        free = give_back(self.free_resources()[0], att.group.bundles)
+        fitted = fit(build_config(job.spec), free)
+        if fitted is None or fitted[0].parallel.dp <= att.group.cfg.parallel.dp:
+            return None
+        return fitted[0].parallel.dp
+
+    def _store_metrics(self, job_id: str, att: Attempt, metrics: list[dict[str, Any]], job: Any = None) -> None:
         if not metrics:
             return
-        self.store.add_metrics(job_id, metrics, run.attempt)
+        self.store.add_metrics(job_id, metrics, att.number)
         self.store.append_logs(job_id, [_progress(m, job) for m in metrics])
         self.metrics.observe_step(job_id, metrics[-1])
-        run.last_step = metrics[-1]["step"]
-        if run.recover_from is not None:
-            seconds = time.monotonic() - run.recover_from
-            run.recover_from = None
+        att.last_step = metrics[-1]["step"]
+        if att.recover_from is not None:
+            seconds = time.monotonic() - att.recover_from
+            att.recover_from = None
             self.metrics.observe_recovery(job_id, seconds)
-            self.store.set_recovery(job_id, run.attempt, seconds)
-            message = f"training resumed {seconds:.1f} s after the failure was detected ({run.cause})"
-            self.store.add_event(job_id, "recovery", message)
+            message = f"training resumed {seconds:.1f} s after the failure was detected ({att.cause})"
+            self.store.apply(job_id, Change(recovery=(att.number, seconds), events=((EventKind.RECOVERY, message),)))
 
-    def _end(self, job_id: str, state: JobState, reason: str, outcome: str) -> None:
-        run = self.running.pop(job_id)
-        self._teardown(job_id, run)
-        self.store.finish_attempt(job_id, run.attempt, outcome, reason)
+    def _finish(self, job_id: str, att: Attempt, end: End) -> None:
+        """Carry out an attempt's end: tear it down, then one store change, then what comes next
+        (a restart scheduled, or the job done)."""
+        self.running.pop(job_id, None)
+        att.phase = AttemptPhase.FINISHED
+        self._teardown(job_id, att)
+        if end.outcome is AttemptOutcome.FAILED:
+            self._failed(job_id, att, end)
+            return
+        if end.outcome is AttemptOutcome.STOPPED:  # resized: restart at once at the larger dp
+            reason = f"room for dp={att.grow_to} again: checkpointed at step {att.last_step}, growing back"
+            change = Change(end_attempt=(att.number, end.outcome, end.reason), states=((JobState.RESTARTING, reason),))
+            self.store.apply(job_id, change)
+            self.restarting[job_id] = Pending(time.monotonic(), att.failures, "growing back", None)
+            return
+        state = _ENDS[end.outcome]
         job = self.store.get_job(job_id)
-        if state == JobState.SUCCEEDED and job is not None and job.state == JobState.STARTING:
-            self.store.transition(job_id, JobState.RUNNING, "every rank joined; training")  # too short to see
-        self.store.transition(job_id, state, reason)
-        self.store.append_logs(job_id, [f"{state.value}: {reason}"])
+        states = [(state, end.reason)]
+        if state is JobState.SUCCEEDED and job is not None and job.state == JobState.STARTING:
+            states.insert(0, (JobState.RUNNING, TRAINING_REASON))  # too short to see
+        ended = (att.number, end.outcome, end.reason)
+        change = Change(end_attempt=ended, states=tuple(states), logs=(f"{state.value}: {end.reason}",))
+        self.store.apply(job_id, change)
         self.metrics.forget(job_id)
 
-    def _teardown(self, job_id: str, run: Running) -> None:
+    def _failed(self, job_id: str, att: Attempt, end: End) -> None:
+        """Restart after a backoff, or end FAILED past max_failures (at once for a permanent cause)."""
+        cause = end.reason
+        failures, restart = att.failures + 1, att.group.cfg.restart
+        over = failures > restart.max_failures or end.permanent
+        if over:
+            counted = f"{cause} (failed {failures} times; restart.max_failures={restart.max_failures})"
+            state = (JobState.FAILED, cause if end.permanent else counted)
+            delay = 0.0
+        else:
+            delay = backoff_s(restart, failures)
+            state = (JobState.RESTARTING, f"{cause}; restart {failures} of {restart.max_failures} in {delay:.0f} s")
+        change = Change(
+            end_attempt=(att.number, AttemptOutcome.FAILED, cause), events=((EventKind.FAILURE, cause),),
+            logs=(f"failure: {cause}",), states=(state,),
+        )  # fmt: skip
+        self.store.apply(job_id, change)
+        if over:
+            self.metrics.forget(job_id)
+            return
+        self.metrics.restarts.labels(job=job_id).inc()
+        now = time.monotonic()
+        self.restarting[job_id] = Pending(now + delay, failures, cause, now, suspects=end.suspects)
+
+    def _teardown(self, job_id: str, att: Attempt) -> None:
         """Remove the attempt's actors and placement group (waiting until Ray has), and record
         the checkpoints it left; a failure here is logged, never leaves the job untracked."""
         try:
-            run.group.teardown()
+            att.group.teardown()
         except Exception:
             log.exception("tearing down job %s failed", job_id)
         try:
-            self._record_checkpoints(job_id, run.group.cfg)
+            self._record_checkpoints(job_id, att.group.cfg)
         except Exception:
             log.exception("listing the checkpoints of job %s failed", job_id)
 
-    def _maybe_grow(self, job: Any, run: Running) -> None:
-        """A job running below its spec's dp (it shrank when a node went) grows back once the
-        cluster, counting the slots it holds now, fits a larger dp: it stops right after its next
-        scheduled checkpoint and restarts from it at the larger dp."""
-        want = job.spec["parallel"]["dp"]
-        if run.group.cfg.parallel.dp >= want or not run.group.cfg.checkpoint.dir:
-            return
-        free, _ = self.free_resources()
-        for node, bundle in run.group.bundles:  # the slots this job would give back
-            for key, amount in bundle.items():
-                free.setdefault(node, {})[key] = free.get(node, {}).get(key, 0) + amount
-        fitted = fit(build_config(job.spec), free)
-        if fitted is None or fitted[0].parallel.dp <= run.group.cfg.parallel.dp:
-            return
-        run.growing_to = fitted[0].parallel.dp
-        run.stopping_since = time.monotonic()
-        run.group.request_stop(at_checkpoint=True)
-        self.store.append_logs(job.id, [f"room for dp={run.growing_to}: stopping at the next checkpoint to grow back"])
-
-    def _failed(
-        self, job_id: str, run: Running, cause: str, suspects: tuple[str, ...] = (), permanent: bool = False
-    ) -> None:
-        """Tear the attempt down completely, then restart after a backoff, or end FAILED past
-        max_failures (or at once when the cause is `permanent`)."""
-        self.running.pop(job_id, None)
-        self._teardown(job_id, run)
-        self.store.finish_attempt(job_id, run.attempt, "failed", cause)
-        self.store.add_event(job_id, "failure", cause)
-        self.store.append_logs(job_id, [f"failure: {cause}"])
-        failures, restart = run.failures + 1, run.group.cfg.restart
-        if failures > restart.max_failures or permanent:
-            reason = f"{cause} (failed {failures} times; restart.max_failures={restart.max_failures})"
-            reason = cause if permanent else reason
-            self.store.transition(job_id, JobState.FAILED, reason)
-            self.metrics.forget(job_id)
-            return
-        delay = backoff_s(restart, failures)
-        note = f"restart {failures} of {restart.max_failures} in {delay:.0f} s"
-        self.store.transition(job_id, JobState.RESTARTING, f"{cause}; {note}")
-        self.metrics.restarts.labels(job=job_id).inc()
-        now = time.monotonic()
-        self.restarting[job_id] = Pending(now + delay, failures, cause, now, suspects=suspects)
-
+    # -- restarts ----------------------------------------------------------------------
     def _restart_due(self) -> None:
         for job_id, pending in list(self.restarting.items()):
             job = self.store.get_job(job_id)
@@ -312,9 +325,7 @@ class Supervisor:
                 if job is not None:
                     self.store.transition(job_id, JobState.CANCELLED, "cancelled while waiting to restart")
                 continue
-            if time.monotonic() < pending.due:
-                continue
-            if self._awaits_verdict(job_id, pending):
+            if time.monotonic() < pending.due or self._awaits_verdict(job_id, pending):
                 continue
             cfg = build_config(job.spec)
             fitted = fit(cfg, self.free_resources()[0])
@@ -324,13 +335,11 @@ class Supervisor:
                     self.store.append_logs(job_id, ["restart waits for room on the cluster"])
                 continue
             run_cfg, plan = fitted
-            elastic = f" at dp={run_cfg.parallel.dp} (elastic; the spec asks dp={cfg.parallel.dp})"
-            note = elastic if run_cfg.parallel.dp != cfg.parallel.dp else ""
             self._backfill_metrics(job_id, cfg.checkpoint.dir, job.attempts)
-            self.store.transition(job_id, JobState.STARTING, f"restarting from the newest checkpoint{note}")
             self.restarting.pop(job_id)
-            run = self._start_attempt(job_id, run_cfg, plan, resume_spec(run_cfg), pending.failures)
-            run.recover_from, run.cause = pending.detected, pending.cause
+            reason = f"restarting from the newest checkpoint{phases.elastic_note(run_cfg.parallel.dp, cfg.parallel.dp)}"
+            att = self._start_attempt(job_id, reason, run_cfg, plan, resume_spec(run_cfg), pending.failures)
+            att.recover_from, att.cause = pending.detected, pending.cause
 
     def _awaits_verdict(self, job_id: str, pending: Pending) -> bool:
         """Whether the restart waits for Ray to declare a node dead whose ranks stopped answering:
@@ -350,16 +359,19 @@ class Supervisor:
             )
         return bool(alive)
 
-    def _start_attempt(self, job_id: str, cfg: Config, plan: Plan, spec: dict[str, Any], failures: int) -> Running:
-        """Reserve the attempt's placement group (without waiting for it) and track the job."""
-        attempt = self.store.start_attempt(job_id)
-        run = Running(self.group_factory(cfg, job_id=job_id), attempt, spec, failures)
-        self.running[job_id] = run
+    def _start_attempt(
+        self, job_id: str, reason: str, cfg: Config, plan: Plan, spec: dict[str, Any], failures: int
+    ) -> Attempt:
+        """Move the job to STARTING with a new attempt (one change), reserve its placement group
+        (without waiting for it) and track it."""
+        number = self.store.apply(job_id, Change(states=((JobState.STARTING, reason),), new_attempt=True))
+        att = Attempt(self.group_factory(cfg, job_id=job_id), number or 0, spec, failures, since=time.monotonic())
+        self.running[job_id] = att
         try:
-            run.group.reserve(plan)
+            att.group.reserve(plan)
         except Exception as err:  # counts as a failure of this attempt
-            self._failed(job_id, run, f"could not reserve the placement group: {err}")
-        return run
+            self._finish(job_id, att, End(AttemptOutcome.FAILED, f"could not reserve the placement group: {err}"))
+        return att
 
     def _backfill_metrics(self, job_id: str, ckpt_dir: str | None, attempt: int) -> None:
         """Steps the old attempt trained and checkpointed but whose metrics never reached the store
@@ -376,18 +388,12 @@ class Supervisor:
             done = [(c.step, c.path) for c in list_checkpoints(cfg.checkpoint.dir) if c.complete]
             self.store.sync_checkpoints(job_id, done)
 
-    # -- admission -----------------------------------------------------------------
-    def free_resources(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    # -- admission -----------------------------------------------------------------------
+    def free_resources(self) -> tuple[Resources, Resources]:
         """(free, total) resources per alive node, free = total minus what our jobs reserved."""
         with self._lock:
             total = self.resources()
-            free = {node: dict(res) for node, res in total.items()}
-            for run in self.running.values():
-                for node, bundle in run.group.bundles:
-                    for key, amount in bundle.items():
-                        if node in free:
-                            free[node][key] = free[node].get(key, 0) - amount
-            return free, total
+            return free_of(total, [att.group.bundles for att in self.running.values()]), total
 
     def _admit(self) -> None:
         queued = self.store.queued()
@@ -397,18 +403,14 @@ class Supervisor:
         for d in admit(queued, free, total):
             job = next(j for j in queued if j.id == d.job_id)
             if d.action == "refuse":
-                self.store.transition(job.id, JobState.STARTING, "checking placement")
-                self.store.transition(job.id, JobState.FAILED, f"cannot be placed on this cluster: {d.reason}")
+                states = ((JobState.STARTING, "checking placement"),
+                          (JobState.FAILED, f"cannot be placed on this cluster: {d.reason}"))  # fmt: skip
+                self.store.apply(job.id, Change(states=states))
                 continue
-            spec_dp = job.spec["parallel"]["dp"]
-            note = (
-                f" at dp={d.cfg.parallel.dp} (elastic; the spec asks dp={spec_dp})"
-                if d.cfg.parallel.dp != spec_dp
-                else ""
-            )
-            self.store.transition(job.id, JobState.STARTING, f"placed on {len(d.plan.nodes())} node(s){note}")
+            assert d.cfg is not None and d.plan is not None
+            note = phases.elastic_note(d.cfg.parallel.dp, job.spec["parallel"]["dp"])
             spec = job.spec if not note else d.cfg.model_dump(mode="json", by_alias=True)
-            self._start_attempt(job.id, d.cfg, d.plan, spec, failures=0)
+            self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
 
 
 def _progress(m: dict, job: object) -> str:

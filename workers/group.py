@@ -24,7 +24,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.config import Config
 from workers.health import Health
-from workers.placement import Node, PlacementError, Plan, make_plan, nodes_for, unit_of
+from workers.placement import Bundle, Node, PlacementError, Plan, bundles_of, make_plan, nodes_for, unit_of
 from workers.worker import RankRunner
 
 NAMESPACE = "fourfold"
@@ -54,9 +54,12 @@ def cluster_nodes(cfg: Config) -> list[Node]:
     return nodes_for(node_resources(), cfg.resources)
 
 
+GroupState = Literal["running", "succeeded", "failed", "stopped"]
+
+
 @dataclass
 class Status:
-    state: str  # running | succeeded | failed | stopped
+    state: GroupState
     metrics: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: dict[int, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
@@ -74,7 +77,7 @@ class WorkerGroup:
         self.cfg, self.job_id, self.ready_timeout_s, self.runner_cls = cfg, job_id, ready_timeout_s, runner_cls
         self.plan: Plan | None = None
         self.pg = None
-        self.bundles: list[tuple[str, dict[str, float]]] = []  # (node, resources) reserved
+        self.bundles: list[Bundle] = []  # (node, resources) reserved
         self.reserved_at = 0.0
         self.actors: list[Any] = []
         self.queue: Queue | None = None
@@ -104,13 +107,8 @@ class WorkerGroup:
     def reserve(self, plan: Plan | None = None) -> None:
         """Ask for the placement group (returns at once): one bundle per planned node, pinned there."""
         self.plan = plan = plan or self.make_plan()
-        res = self.cfg.resources
         nodes = plan.nodes()
-        self.bundles = []
-        gpu = res.accelerator == "gpu"
-        for node in nodes:
-            n = len(plan.on_node(node))
-            self.bundles.append((node, {"CPU": round(n * res.cpus_per_rank, 4), **({"GPU": n} if gpu else {})}))
+        self.bundles = bundles_of(plan, self.cfg.resources)
         self.pg = placement_group(
             [b for _, b in self.bundles], strategy="STRICT_SPREAD", name=f"fourfold:{self.job_id}",
             bundle_label_selector=[{NODE_ID_LABEL_KEY: node} for node in nodes],

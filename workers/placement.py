@@ -61,6 +61,20 @@ class Plan:
         return [r for r in self.ranks if r.node == node]
 
 
+Bundle = tuple[str, dict[str, float]]
+"""(node id, resources) that one job holds on one node."""
+
+
+def bundles_of(plan: Plan, res: ResourcesConfig) -> list[Bundle]:
+    """What a plan holds: one bundle per node, in plan.nodes() order, CPU (and GPU) for its ranks."""
+    gpu = res.accelerator == "gpu"
+    out = []
+    for node in plan.nodes():
+        n = len(plan.on_node(node))
+        out.append((node, {"CPU": round(n * res.cpus_per_rank, 4), **({"GPU": n} if gpu else {})}))
+    return out
+
+
 def unit_of(res: ResourcesConfig) -> str:
     """What one slot is, in messages."""
     return "GPUs" if res.accelerator == "gpu" else "CPU slots"

@@ -51,8 +51,9 @@ def connect() -> None:
     try:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:  # a local cluster, on loopback only (workers/__init__.py)
-            ray.init(include_dashboard=False, log_to_driver=False)
+        else:  # a new local cluster, on loopback only (workers/__init__.py); "local": never attach to
+            # another cluster that happens to run on this machine (ray.init() alone would)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     finally:
         if callable(previous):
             signal.signal(signal.SIGTERM, previous)

@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel
 
-from api.deps import CallerDep, StoreDep
+from api.deps import JOB_ID, CallerDep, Position, StoreDep, known_query
 from api.errors import error_response, error_responses
-from api.routes.jobs import MAX_INT, known_query
 from service.store import EventRecord
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"], dependencies=[Depends(known_query)])
@@ -29,9 +28,9 @@ def audit(
     store: StoreDep,
     caller: CallerDep,
     actor: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
-    job_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,
+    job_id: Annotated[str | None, Query(pattern=JOB_ID.pattern)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    offset: Position = 0,
 ) -> AuditPage:
     """Submissions and cancels of every user, each with its actor and address (admin only)."""
     if not caller.admin:

@@ -1,161 +1,34 @@
-"""`/v1/jobs`: submit, list, inspect, cancel, and follow jobs."""
+"""`/v1/jobs`: submit, list, inspect, cancel, and follow jobs.
+
+Each route about one job takes it as `OwnedJob` (api/deps.py), or the stream as `StreamJob`
+(api/tickets.py): a job the caller may not see is a 404, exactly as a missing one. The body of a
+submission is read and checked in api/spec.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
-import re
-from typing import Annotated, Any
+from typing import Annotated
 
-import yaml
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from api.deps import CallerDep, SettingsDep, StoreDep
-from api.errors import error_response, error_responses
+from api.deps import CallerDep, OwnedJob, Position, SettingsDep, StoreDep, known_query
+from api.errors import error_response, error_responses, unprocessable
 from api.openapi import job_links, job_spec_body, stream_events, ticket_security
 from api.schemas import JobList, JobPublic, JobSummary
-from api.tickets import StreamCallerDep, StreamTicket, book
-from parallel.config import ConfigError, build_config, read_yaml
-from service.quota import Quota, QuotaExceeded, world_size
-from service.settings import Settings
+from api.spec import DEFAULT_DIR, check_limits, parse_spec, read_body
+from api.tickets import StreamJob, StreamTicket, book
+from service.quota import Quota, QuotaExceeded
 from service.states import TERMINAL, JobState
-from service.store import AttemptRecord, EventRecord, JobRecord, LogRecord, MetricRecord, new_job_id
+from service.store import AttemptRecord, EventRecord, LogRecord, MetricRecord, new_job_id
 from workers.confine import StorageRefused, confine_spec
-
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-MAX_BODY = 1 << 20  # a job spec is a few hundred bytes; a megabyte is a mistake
-MAX_INT = 2**31 - 1  # what every integer column holds
-Position = Annotated[int, Query(ge=0, le=MAX_INT)]
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def known_query(request: Request) -> None:
-    """Refuse query parameters the route does not take, and repeated ones: `?status=RUNNING` for
-    `?state=RUNNING` must not silently list everything."""
-    route = request.scope.get("route")
-    allowed = _query_names(route.dependant) if route is not None else set()
-    unknown = sorted(set(request.query_params) - allowed)
-    if unknown:
-        valid = ", ".join(sorted(allowed)) or "none"
-        raise _unprocessable(f"query: unknown parameter {', '.join(unknown)}; valid: {valid}")
-    repeated = sorted(k for k in set(request.query_params) if len(request.query_params.getlist(k)) > 1)
-    if repeated:
-        raise _unprocessable(f"query: {', '.join(repeated)} given more than once")
-
-
-def _query_names(dependant: Any) -> set[str]:
-    """The query parameters a route reads, its dependencies' included (the stream's `ticket`)."""
-    names = {p.alias for p in dependant.query_params}
-    for sub in dependant.dependencies:
-        names |= _query_names(sub)
-    return names
-
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(known_query)])
 _ABOUT_A_JOB = error_responses(404, 422, auth=True)  # a job route: no such job, a bad query, no token
-
-
-def _unprocessable(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number a job spec can hold")
-
-
-def _nul_at(data: Any, path: str = "") -> str | None:
-    """The field holding a NUL character (no database stores one in text), or None."""
-    if isinstance(data, str):
-        return path or "body" if "\x00" in data else None
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for key, value in items:
-        if isinstance(key, str) and "\x00" in key:
-            return f"{path}.{key}".strip(".")
-        if (found := _nul_at(value, f"{path}.{key}".strip("."))) is not None:
-            return found
-    return None
-
-
-def _too_large(size: int | str) -> HTTPException:
-    return HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"body: {size} bytes; a job spec is under 1 MiB")
-
-
-async def read_body(request: Request) -> bytes:
-    """The request body, refused (413) as soon as it passes MAX_BODY: a declared Content-Length
-    over it is refused before anything is read, and a longer stream is cut off."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise _too_large(declared)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large(f"over {MAX_BODY}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_spec(raw: bytes, content_type: str) -> tuple[dict[str, Any], int]:
-    """The body as a validated engine spec (normalised, defaults filled) and its priority. A spec
-    that leaves checkpoint.dir out gets `checkpoint.dir: DEFAULT_DIR` (the job's own directory, once
-    confined); one that sets it to null has no checkpoints."""
-    if len(raw) > MAX_BODY:
-        raise _too_large(len(raw))
-    if not raw.strip():
-        raise _unprocessable("body: empty; send a job spec as JSON, or as YAML with Content-Type: application/yaml")
-    is_yaml = content_type.split(";")[0].strip() in YAML_TYPES
-    try:
-        data = read_yaml(raw.decode()) if is_yaml else json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, yaml.YAMLError) as err:
-        hint = "" if is_yaml else "; for YAML send Content-Type: application/yaml"
-        raise _unprocessable(
-            f"body: not valid {'YAML' if is_yaml else 'JSON'} ({str(err).splitlines()[0]}){hint}"
-        ) from None
-    except RecursionError:
-        raise _unprocessable("body: nested too deeply to be a job spec") from None
-    if not isinstance(data, dict):
-        raise _unprocessable("body: a job spec must be a mapping of sections (model, parallel, train, ...)")
-    if (where := _nul_at(data)) is not None:
-        raise _unprocessable(f"{where}: contains a NUL character")
-    priority = data.pop("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
-        raise _unprocessable(f"priority: must be an integer from -1000 to 1000 (got {priority!r})")
-    section = data.get("checkpoint")
-    default_dir = not (isinstance(section, dict) and "dir" in section)
-    try:
-        cfg = build_config(data, strict=True)  # the types its schema (/openapi.json) says
-    except ConfigError as err:
-        raise _unprocessable(str(err)) from None
-    spec = cfg.model_dump(mode="json", by_alias=True)
-    if default_dir:
-        spec["checkpoint"]["dir"] = DEFAULT_DIR
-    return spec, priority
-
-
-DEFAULT_DIR = "."  # checkpoint.dir left out: the job's own directory (relative paths start there)
-
-
-def check_limits(spec: dict[str, Any], settings: Settings) -> None:
-    """The operator's bounds on a spec's size (422 naming the field)."""
-    steps = spec["train"]["steps"]
-    if steps > settings.max_steps:
-        raise _unprocessable(f"train.steps={steps}: at most {settings.max_steps} on this service")
-    if (ranks := world_size(spec)) > settings.max_world_size:
-        p = spec["parallel"]
-        raise _unprocessable(
-            f"parallel: dp*tp*pp*cp = {p['dp']}*{p['tp']}*{p['pp']}*{p['cp']} = {ranks} ranks; "
-            f"at most {settings.max_world_size} on this service"
-        )
-
-
-def _get(store: Any, job_id: str, caller: Any) -> JobRecord:
-    job = store.get_job(job_id, owner=caller.owner_filter) if JOB_ID.match(job_id) else None
-    if job is None:  # another user's job looks exactly like a missing one
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
-    return job
 
 
 @router.post(
@@ -191,7 +64,7 @@ async def submit(
     try:
         spec = confine_spec(spec, grant, default_dir=spec["checkpoint"]["dir"] == DEFAULT_DIR)
     except StorageRefused as err:
-        raise _unprocessable(str(err)) from None
+        raise unprocessable(str(err)) from None
     quota = Quota(settings.quota_ranks, settings.quota_queued, settings.quota_submits_per_minute)
     address = request.client.host if request.client else None
     try:
@@ -204,7 +77,7 @@ async def submit(
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"{err.message} ({err.limit})", headers=retry) from None
     if not created:
         if (job.spec, job.priority) != (spec, priority):  # the same key for another job is a client bug
-            raise _unprocessable(
+            raise unprocessable(
                 f"Idempotency-Key: {idempotency_key!r} was used for job {job.id} with a different spec or priority; "
                 "use a new key for a new job"
             )
@@ -238,9 +111,8 @@ def list_jobs(
     summary="One job",
     responses=_ABOUT_A_JOB,
 )
-def get_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobPublic:
-    job = _get(store, job_id, caller)
-    return JobPublic.of(job, store.latest_metrics([job_id]).get(job_id))
+def get_job(job: OwnedJob, store: StoreDep) -> JobPublic:
+    return JobPublic.of(job, store.latest_metrics([job.id]).get(job.id))
 
 
 @router.post(
@@ -250,12 +122,11 @@ def get_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobPublic:
     summary="Cancel a job (a running one stops after its current step)",
     responses=error_responses(404, 409, 422, auth=True),
 )
-def cancel(job_id: str, store: StoreDep, caller: CallerDep, request: Request) -> JobPublic:
-    job = _get(store, job_id, caller)
+def cancel(job: OwnedJob, store: StoreDep, caller: CallerDep, request: Request) -> JobPublic:
     if job.state in TERMINAL:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended ({job.state.value})")
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} already ended ({job.state.value})")
     address = request.client.host if request.client else None
-    return JobPublic.of(store.request_cancel(job_id, actor=caller.user, address=address))
+    return JobPublic.of(store.request_cancel(job.id, actor=caller.user, address=address))
 
 
 @router.get(
@@ -265,9 +136,8 @@ def cancel(job_id: str, store: StoreDep, caller: CallerDep, request: Request) ->
     summary="A job's metrics, one per step",
     responses=_ABOUT_A_JOB,
 )
-def metrics(job_id: str, store: StoreDep, caller: CallerDep, after_step: Position = 0) -> list[MetricRecord]:
-    _get(store, job_id, caller)
-    return store.metrics(job_id, after_step=after_step)
+def metrics(job: OwnedJob, store: StoreDep, after_step: Position = 0) -> list[MetricRecord]:
+    return store.metrics(job.id, after_step=after_step)
 
 
 @router.get(
@@ -277,9 +147,8 @@ def metrics(job_id: str, store: StoreDep, caller: CallerDep, after_step: Positio
     summary="A job's state changes",
     responses=_ABOUT_A_JOB,
 )
-def events(job_id: str, store: StoreDep, caller: CallerDep, after_id: Position = 0) -> list[EventRecord]:
-    _get(store, job_id, caller)
-    return store.events(job_id, after_id=after_id)
+def events(job: OwnedJob, store: StoreDep, after_id: Position = 0) -> list[EventRecord]:
+    return store.events(job.id, after_id=after_id)
 
 
 @router.get(
@@ -289,9 +158,8 @@ def events(job_id: str, store: StoreDep, caller: CallerDep, after_id: Position =
     summary="A job's log lines",
     responses=_ABOUT_A_JOB,
 )
-def logs(job_id: str, store: StoreDep, caller: CallerDep, after_id: Position = 0) -> list[LogRecord]:
-    _get(store, job_id, caller)
-    return store.logs(job_id, after_id=after_id)
+def logs(job: OwnedJob, store: StoreDep, after_id: Position = 0) -> list[LogRecord]:
+    return store.logs(job.id, after_id=after_id)
 
 
 @router.get(
@@ -301,10 +169,9 @@ def logs(job_id: str, store: StoreDep, caller: CallerDep, after_id: Position = 0
     summary="A job's attempts",
     responses=_ABOUT_A_JOB,
 )
-def attempts(job_id: str, store: StoreDep, caller: CallerDep) -> list[AttemptRecord]:
+def attempts(job: OwnedJob, store: StoreDep) -> list[AttemptRecord]:
     """Each attempt: when it ran, how it ended and why, and how long it took to resume after a failure."""
-    _get(store, job_id, caller)
-    return store.attempts(job_id)
+    return store.attempts(job.id)
 
 
 @router.post(
@@ -314,11 +181,10 @@ def attempts(job_id: str, store: StoreDep, caller: CallerDep) -> list[AttemptRec
     summary="A one-time ticket for the job's event stream",
     responses=error_responses(404, 422, 503, auth=True),
 )
-def stream_ticket(job_id: str, store: StoreDep, caller: CallerDep, request: Request) -> StreamTicket:
+def stream_ticket(job: OwnedJob, caller: CallerDep, request: Request) -> StreamTicket:
     """A ticket that opens this job's stream once within 60 s, as `?ticket=`: the browser's EventSource
     cannot send the Authorization header, and a token never goes into a URL (api/tickets.py)."""
-    _get(store, job_id, caller)
-    return book(request.app).issue(job_id, caller)
+    return book(request.app).issue(job.id, caller)
 
 
 @router.get(
@@ -333,10 +199,10 @@ def stream_ticket(job_id: str, store: StoreDep, caller: CallerDep, request: Requ
         **error_responses(404, 422),
     },
 )
-async def stream(job_id: str, store: StoreDep, caller: StreamCallerDep, request: Request) -> EventSourceResponse:
+async def stream(followed: StreamJob, store: StoreDep, request: Request) -> EventSourceResponse:
     """Server-sent events: `metrics` (one step; after a restart, steps again as the new attempt
     trains them), `event` (a state change), `log`, then `end`."""
-    await run_in_threadpool(_get, store, job_id, caller)
+    job_id = followed.id
 
     async def produce():  # noqa: ANN202
         step = event_id = log_id = attempts = 0

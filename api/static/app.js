@@ -99,7 +99,7 @@ async function showJob(id) {
   drawCharts(rows);
   const job = await render();
   await showAttempts();
-  if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
+  if (job.finished) {  // ended (the server says which states are terminal): read it all once
     (await api(`/v1/jobs/${id}/events`)).forEach(addEvent);
     (await api(`/v1/jobs/${id}/logs`)).forEach(addLog);
     return;
