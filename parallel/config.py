@@ -158,6 +158,11 @@ class ParallelConfig(_Section):
     def dp_shard(self) -> int:
         return self.dp // self.dp_replicate
 
+    @property
+    def stages(self) -> int:
+        """Pipeline stages in all: pp x pp_virtual (zbv runs pp_virtual=2, the two arms of its V)."""
+        return self.pp * self.pp_virtual
+
 
 class TrainConfig(_Section):
     steps: int = Field(10, ge=1)
@@ -351,10 +356,9 @@ def _check_pipeline(cfg: Config) -> None:
     if p.pp_schedule == "zbv" and p.pp_virtual != 2:
         raise ConfigError(f"parallel.pp_virtual={p.pp_virtual}: pp_schedule=zbv runs exactly 2 stages per rank; "
                           "set pp_virtual=2")  # fmt: skip
-    stages = p.pp * p.pp_virtual
-    if cfg.model.n_layers < stages:
+    if cfg.model.n_layers < p.stages:
         raise ConfigError(
-            f"parallel.pp={p.pp} x pp_virtual={p.pp_virtual} = {stages} stages but model.n_layers="
+            f"parallel.pp={p.pp} x pp_virtual={p.pp_virtual} = {p.stages} stages but model.n_layers="
             f"{cfg.model.n_layers}; each stage needs at least one layer"
         )
     m = p.microbatches or cfg.grad_accum

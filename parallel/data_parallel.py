@@ -8,35 +8,36 @@ What each stage keeps whole and what it shards over the dp_shard ranks (N):
     2     whole       1/N         1/N
     3     1/N         1/N         1/N       (FSDP2 `fully_shard`)
 
-Stages 0-2 are `ShardedAdamW` below: the trainable tensors are laid end to end
-in one virtual flat vector (padded to a multiple of N) and rank r owns the
-elements [r*S, (r+1)*S). Its optimizer holds `nn.Parameter` views of exactly
-those elements, so states exist only for them. We write this ourselves because
-torch's ZeroRedundancyOptimizer assigns whole parameters to ranks (uneven shares,
-far from 1/N on small models) and has no gradient sharding, and FSDP2 always
-shards parameters too.
+Stages 0-2 are `ShardedAdamW` below: the trainable tensors are laid end to end in one
+virtual flat vector (`FlatLayout`, padded to a multiple of N) and rank r owns the elements
+[r*S, (r+1)*S). Its optimizer holds `nn.Parameter` views of exactly those elements, so states
+exist only for them. We write this ourselves because torch's ZeroRedundancyOptimizer assigns
+whole parameters to ranks (uneven shares, far from 1/N on small models) and has no gradient
+sharding, and FSDP2 always shards parameters too. Stage 3 is FSDP2, applied to the model by
+`parallelize` (parallel/parallelize.py), with `FSDPAdamW`: the optimizers here only optimize.
 
-Gradient accumulation: stages 0 and 1 accumulate whole local gradients and
-reduce once per step (all-reduce). Stage 2 reduce-scatters after every
-micro-batch into its 1/N gradient shard and frees the whole gradients, so it
-never holds more than one micro-batch of whole gradients. Stage 3 (FSDP2)
-likewise reduce-scatters each micro-batch into sharded gradients. With HSDP the
+Gradient accumulation: stages 0 and 1 accumulate whole local gradients and reduce once per
+step (all-reduce). Stage 2 reduce-scatters after every micro-batch into its 1/N gradient shard
+and frees the whole gradients, so it never holds more than one micro-batch of whole gradients.
+Stage 3 (FSDP2) likewise reduce-scatters each micro-batch into sharded gradients. With HSDP the
 shards are additionally all-reduced across the dp_replicate replicas.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.optim import AdamW
 
 from parallel.comms import watch
+from parallel.config import TrainConfig
 from parallel.tensor_parallel import is_tp_sharded
 
 
@@ -54,82 +55,100 @@ def _like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _decays(name: str, param: nn.Parameter) -> bool:
+def _decays(param: nn.Parameter) -> bool:
     return param.ndim >= 2  # norms (1-D) get no weight decay
 
 
+def _adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], t: TrainConfig) -> AdamW:
+    """torch's AdamW with the run's hyper-parameters, weight decay on `decay` only."""
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+class FlatLayout:
+    """Where each trainable tensor's local elements sit in one virtual flat vector: end to end in
+    model order, padded to n_shards * shard_size, of which rank r owns [r*S, (r+1)*S)."""
+
+    def __init__(self, params: list[nn.Parameter], n_shards: int, rank: int) -> None:
+        ends = list(itertools.accumulate(_local(p).numel() for p in params))
+        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # [a, b) of each parameter
+        self.n_shards = n_shards
+        self.shard_size = math.ceil(ends[-1] / n_shards)
+        self.size = self.shard_size * n_shards
+        self.lo = rank * self.shard_size
+
+    def owned(self) -> Iterator[tuple[int, slice, slice]]:
+        """(i, in_param, in_shard) for each parameter i with elements in this rank's shard: which of
+        its flattened local elements those are, and where they sit in the shard."""
+        hi = self.lo + self.shard_size
+        for i, (a, b) in enumerate(self.spans):
+            lo, up = max(self.lo, a), min(hi, b)
+            if lo < up:
+                yield i, slice(lo - a, up - a), slice(lo - self.lo, up - self.lo)
+
+    def pack(self, tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """(size,) the tensors' local elements in place; zeros for None and the padding."""
+        flat = torch.zeros(self.size, device=device)
+        for t, (a, b) in zip(tensors, self.spans, strict=True):
+            if t is not None:
+                flat[a:b] = _local(t).reshape(-1)
+        return flat
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's (numel,) slice of a whole flat vector, as views."""
+        return [flat[a:b] for a, b in self.spans]
+
+
 @dataclass
-class _Piece:
+class _Slot:
+    view: nn.Parameter  # what the optimizer updates: a view sharing the model parameter's storage
     param: nn.Parameter  # the model's parameter
-    start: int  # slice [start, stop) of the parameter's flattened local tensor
-    stop: int
-    offset: int  # where the slice begins inside this rank's shard
+    in_param: slice  # which elements of the parameter's flattened local tensor
+    in_shard: slice  # where they sit inside this rank's shard
     weight: float  # 1, or 1/tp for tp-replicated tensors (counted once in the norm)
 
 
 class ShardedAdamW:
-    """AdamW over the elements this rank owns (ZeRO 0-2), with global-norm clipping."""
+    """AdamW over the elements this rank owns (ZeRO 0-2), with global-norm clipping. The stage's
+    gradient handling is chosen once, in the constructor: stages 0-1 all-reduce whole gradients after
+    the last micro-batch; stage 2 reduce-scatters each micro-batch's into a 1/N shard."""
 
     def __init__(
         self,
-        named_params: list[tuple[str, nn.Parameter]],
+        params: list[nn.Parameter],
         zero: int,
         shard_group: dist.ProcessGroup | None,
         replicate_groups: list[dist.ProcessGroup],
         norm_groups: list[dist.ProcessGroup],
         tp: int,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
+        train: TrainConfig,
     ) -> None:
-        self.zero = zero
         # Gradients are averaged over the shard group and every replicate group (dp_replicate,
         # and cp, whose ranks see different tokens of the same samples).
-        self.shard_group, self.replicate_groups = shard_group, replicate_groups
+        self.params, self.shard_group, self.replicate_groups = params, shard_group, replicate_groups
         self.norm_groups = norm_groups
-        self.params = [p for _, p in named_params]
+        self.device = _local(params[0]).device
         n_shards = dist.get_world_size(shard_group) if shard_group is not None else 1
-        rank = dist.get_rank(shard_group) if shard_group is not None else 0
         self.dp = n_shards * math.prod(dist.get_world_size(g) for g in replicate_groups)
-        self.total = sum(_local(p).numel() for p in self.params)
-        owned = n_shards if zero >= 1 else 1  # stage 0: every rank updates everything
-        self.shard_size = math.ceil(self.total / owned)
-        lo = rank * self.shard_size if zero >= 1 else 0
-        hi = lo + self.shard_size
-
-        self.n_shards = n_shards
-        # (view, piece) pairs: the optimizer's parameters and where each sits in the model.
-        decay: list[tuple[nn.Parameter, _Piece]] = []
-        no_decay: list[tuple[nn.Parameter, _Piece]] = []
-        offset = 0
-        for name, p in named_params:
-            n = _local(p).numel()
-            a, b = max(lo, offset), min(hi, offset + n)
-            if a < b:
-                piece = _Piece(p, a - offset, b - offset, a - lo, 1.0 if is_tp_sharded(p) else 1.0 / tp)
-                view = nn.Parameter(_local(p).detach().view(-1)[piece.start : piece.stop])  # shares storage
-                (decay if _decays(name, p) else no_decay).append((view, piece))
-            offset += n
+        rank = dist.get_rank(shard_group) if shard_group is not None and zero >= 1 else 0
+        self.flat = FlatLayout(params, n_shards if zero >= 1 else 1, rank)  # stage 0: one shard, all of it
+        slots = [
+            _Slot(nn.Parameter(_local(params[i]).detach().view(-1)[in_param]), params[i], in_param, in_shard,
+                  1.0 if is_tp_sharded(params[i]) else 1.0 / tp)
+            for i, in_param, in_shard in self.flat.owned()
+        ]  # fmt: skip
+        decay, no_decay = [s for s in slots if _decays(s.param)], [s for s in slots if not _decays(s.param)]
         self.slots = decay + no_decay
-        groups = [
-            {"params": [v for v, _ in decay], "weight_decay": weight_decay},
-            {"params": [v for v, _ in no_decay], "weight_decay": 0.0},
-        ]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
-        self.grad_shard = torch.zeros(self.shard_size, device=_local(self.params[0]).device) if zero == 2 else None
+        self.opt = _adamw([s.view for s in decay], [s.view for s in no_decay], train)
+        two = zero == 2
+        self.grad_shard = torch.zeros(self.flat.shard_size, device=self.device) if two else None
+        self._reduce = self._reduce_scatter if two else self._all_reduce
+        self._owned_grads = self._shard_grads if two else self._param_grads
 
     # -- gradients -----------------------------------------------------------------
-    def _flat_grads(self) -> torch.Tensor:
-        padded = self.shard_size * self.n_shards if self.zero >= 1 else self.total
-        flat = torch.zeros(padded, device=_local(self.params[0]).device)
-        offset = 0
-        for p in self.params:
-            n = _local(p).numel()
-            if p.grad is not None:
-                flat[offset : offset + n] = _local(p.grad).reshape(-1)
-            offset += n
-        return flat
+    def after_backward(self, last_microbatch: bool) -> None:
+        """Reduce gradients over the data-parallel ranks when this stage does so."""
+        self._reduce(last_microbatch)
 
     def _match_param_layout(self) -> None:
         # DTensor may hand back a gradient laid out unlike its parameter: under sequence
@@ -141,88 +160,101 @@ class ShardedAdamW:
             if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
                 p.grad = g.redistribute(g.device_mesh, p.placements)
 
-    def after_backward(self, last_microbatch: bool) -> None:
-        """Reduce gradients over the data-parallel ranks when this stage does so."""
-        if self.zero == 2 or last_microbatch:
-            self._match_param_layout()
-        if self.zero == 2:
-            flat = self._flat_grads()  # (N*S,) whole local gradients of this micro-batch
-            shard = torch.empty(self.shard_size, device=flat.device)
-            if self.shard_group is not None:
-                with watch("dp_shard", "reduce-scatter of gradients"):
-                    dist.reduce_scatter_single(shard, flat, group=self.shard_group)
-            else:
-                shard.copy_(flat[: self.shard_size])
-            self.grad_shard += shard
-            for p in self.params:
-                p.grad = None  # the whole gradients live only until the next micro-batch
-        elif last_microbatch and self.dp > 1:
-            flat = self._flat_grads()
-            for group in [self.shard_group, *self.replicate_groups]:
-                if group is not None:
-                    with watch("dp", "all-reduce of gradients"):
-                        dist.all_reduce(flat, group=group)
-            flat /= self.dp
-            offset = 0
-            for p in self.params:
-                n = _local(p).numel()
-                if p.grad is not None:
-                    _local(p.grad).view(-1).copy_(flat[offset : offset + n])
-                offset += n
+    def _all_reduce(self, last_microbatch: bool) -> None:
+        """Stages 0-1: after the last micro-batch, average the whole gradients over the dp ranks."""
+        if not last_microbatch:
+            return
+        self._match_param_layout()
+        if self.dp == 1:
+            return
+        flat = self.flat.pack([p.grad for p in self.params], self.device)
+        for group in [self.shard_group, *self.replicate_groups]:
+            if group is not None:
+                with watch("dp", "all-reduce of gradients"):
+                    dist.all_reduce(flat, group=group)
+        flat /= self.dp
+        for p, g in zip(self.params, self.flat.split(flat), strict=True):
+            if p.grad is not None:
+                _local(p.grad).view(-1).copy_(g)
 
-    def _attach_grads(self) -> None:
-        if self.zero == 2:
-            for group in self.replicate_groups:
-                with watch("dp_replicate/cp", "all-reduce of gradient shards"):
-                    dist.all_reduce(self.grad_shard, group=group)
-            self.grad_shard /= self.dp
-        for v, pc in self.slots:
-            if self.zero == 2:
-                v.grad = self.grad_shard[pc.offset : pc.offset + (pc.stop - pc.start)]
-            else:
-                g = pc.param.grad
-                v.grad = None if g is None else _local(g).view(-1)[pc.start : pc.stop]
+    def _param_grads(self) -> list[torch.Tensor | None]:
+        """Stages 0-1: the owned slices of the whole (reduced) gradients."""
+        return [None if s.param.grad is None else _local(s.param.grad).view(-1)[s.in_param] for s in self.slots]
+
+    def _reduce_scatter(self, last_microbatch: bool) -> None:
+        """Stage 2: reduce-scatter each micro-batch's whole gradients into the running shard."""
+        self._match_param_layout()
+        flat = self.flat.pack([p.grad for p in self.params], self.device)  # (N*S,) this micro-batch's
+        shard = torch.empty(self.flat.shard_size, device=self.device)
+        if self.shard_group is not None:
+            with watch("dp_shard", "reduce-scatter of gradients"):
+                dist.reduce_scatter_single(shard, flat, group=self.shard_group)
+        else:
+            shard.copy_(flat[: self.flat.shard_size])
+        self.grad_shard += shard
+        for p in self.params:
+            p.grad = None  # the whole gradients live only until the next micro-batch
+
+    def _shard_grads(self) -> list[torch.Tensor]:
+        """Stage 2: the gradient shard, averaged over the replicas, in slices."""
+        for group in self.replicate_groups:
+            with watch("dp_replicate/cp", "all-reduce of gradient shards"):
+                dist.all_reduce(self.grad_shard, group=group)
+        self.grad_shard /= self.dp
+        return [self.grad_shard[s.in_shard] for s in self.slots]
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of the whole model's gradient, each element counted once."""
         sq = torch.zeros((), dtype=torch.float64)
-        for v, pc in self.slots:
-            if v.grad is not None:
-                sq += v.grad.double().pow(2).sum() * pc.weight
+        for s in self.slots:
+            if s.view.grad is not None:
+                sq += s.view.grad.double().pow(2).sum() * s.weight
         with watch("tp/dp/pp", "all-reduce of the gradient norm"):
             for group in self.norm_groups:
                 dist.all_reduce(sq, group=group)
         return sq.sqrt().float()
 
+    # -- the update ------------------------------------------------------------------
     def step(self, lr: float, max_norm: float) -> float:
         """Clip to max_norm (0 = off), update owned elements, share them. Returns the norm."""
-        self._attach_grads()
+        for s, g in zip(self.slots, self._owned_grads(), strict=True):
+            s.view.grad = g
         norm = self.grad_norm()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for v, _ in self.slots:
-                if v.grad is not None:
-                    v.grad.mul_(coef)
+            for s in self.slots:
+                if s.view.grad is not None:
+                    s.view.grad.mul_(coef)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        if self.zero >= 1 and self.shard_group is not None:
+        if self.flat.n_shards > 1:
             self._gather_params()
         return norm.item()
 
     @torch.no_grad()
     def _gather_params(self) -> None:
-        shard = torch.zeros(self.shard_size, device=_local(self.params[0]).device)
-        for _, pc in self.slots:
-            shard[pc.offset : pc.offset + pc.stop - pc.start] = _local(pc.param).view(-1)[pc.start : pc.stop]
-        full = torch.empty(self.shard_size * dist.get_world_size(self.shard_group), device=shard.device)
-        with watch("dp_shard", "all-gather of updated parameters"):
+        owned = [_local(s.param).view(-1)[s.in_param] for s in self.slots]
+        full = self._all_gather(self._shard_of(owned), "all-gather of updated parameters")
+        for p, new in zip(self.params, self.flat.split(full), strict=True):
+            _local(p).view(-1).copy_(new)
+
+    def _shard_of(self, values: list[torch.Tensor | None]) -> torch.Tensor:
+        """This rank's (S,) shard of the flat vector from one value per slot (zeros elsewhere)."""
+        shard = torch.zeros(self.flat.shard_size, device=self.device)
+        for s, t in zip(self.slots, values, strict=True):
+            if t is not None:
+                shard[s.in_shard] = t
+        return shard
+
+    def _all_gather(self, shard: torch.Tensor, action: str) -> torch.Tensor:
+        """The whole (N*S,) flat vector from every rank's shard (the shard itself when N is 1)."""
+        if self.flat.n_shards == 1:
+            return shard
+        full = torch.empty(self.flat.size, device=self.device)
+        with watch("dp_shard", action):
             dist.all_gather_single(full, shard, group=self.shard_group)
-        offset = 0
-        for p in self.params:
-            n = _local(p).numel()
-            _local(p).view(-1).copy_(full[offset : offset + n])
-            offset += n
+        return full
 
     # -- checkpoints: per-parameter states, laid out like the parameter --------------
     @torch.no_grad()
@@ -230,38 +262,27 @@ class ShardedAdamW:
         """{id(param): {"exp_avg": t, "exp_avg_sq": t}}, each t whole on this rank's tp shard
         (a DTensor with the parameter's placements), gathered from the ZeRO pieces."""
         out: dict[int, dict[str, torch.Tensor]] = {}
-        device = _local(self.params[0]).device
         for key in STATE_KEYS:
-            shard = torch.zeros(self.shard_size, device=device)
-            for v, pc in self.slots:
-                if v in self.opt.state:
-                    shard[pc.offset : pc.offset + pc.stop - pc.start] = self.opt.state[v][key]
-            full = shard
-            if self.zero >= 1 and self.shard_group is not None:
-                full = torch.empty(self.shard_size * self.n_shards, device=device)
-                dist.all_gather_single(full, shard, group=self.shard_group)
-            offset = 0
-            for p in self.params:
-                local = _local(p)
-                t = full[offset : offset + local.numel()].view_as(local).clone()
-                out.setdefault(id(p), {})[key] = _like_param(t, p)
-                offset += local.numel()
+            states = [self.opt.state[s.view][key] if s.view in self.opt.state else None for s in self.slots]
+            full = self._all_gather(self._shard_of(states), f"all-gather of optimizer states ({key})")
+            for p, t in zip(self.params, self.flat.split(full), strict=True):
+                out.setdefault(id(p), {})[key] = _like_param(t.view_as(_local(p)).clone(), p)
         return out
 
     @torch.no_grad()
     def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
         """Inverse of export_states: keep this rank's pieces of each state."""
-        for v, pc in self.slots:
-            st = states[id(pc.param)]
-            self.opt.state[v] = {"step": torch.tensor(float(step))} | {
-                key: _local(st[key]).reshape(-1)[pc.start : pc.stop].clone() for key in STATE_KEYS
+        for s in self.slots:
+            st = states[id(s.param)]
+            self.opt.state[s.view] = {"step": torch.tensor(float(step))} | {
+                key: _local(st[key]).reshape(-1)[s.in_param].clone() for key in STATE_KEYS
             }
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
-        for v, _ in self.slots:
-            v.grad = None
+        for s in self.slots:
+            s.view.grad = None
         if self.grad_shard is not None:
             self.grad_shard.zero_()
 
@@ -274,40 +295,18 @@ class ShardedAdamW:
 
 
 class FSDPAdamW:
-    """ZeRO-3: FSDP2 `fully_shard` on every block and the root, torch AdamW on the shards.
-
-    reshard_after_forward=False keeps each block's gathered parameters from its forward until
-    the end of the step; the trainer sets it under pipelining. There it saves an all-gather per
-    micro-batch, and the zero-bubble schedule needs it to be right: its split backward finds the
-    weights by `stage.submod.parameters()`, which after a resharding forward are the sharded
-    parameters, not the gathered ones the autograd graph used. The deferred weight-gradient pass
-    then leaves every stage but the first with wrong gradients (grad norm 0.80 instead of 0.90 on
-    the tiny model at pp=2, dp=2)."""
+    """ZeRO-3: torch AdamW on the shards of a model `apply_fsdp` has sharded."""
 
     def __init__(
         self,
-        parts: list[nn.Module],
-        dp_mesh: DeviceMesh,
+        params: list[nn.Parameter],
         cp_group: dist.ProcessGroup | None,
         norm_groups: list[dist.ProcessGroup],
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        reshard_after_forward: bool = True,
+        train: TrainConfig,
     ) -> None:
-        for model in parts:
-            for block in model.layers.values():
-                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-            fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-        named = [(n, p) for model in parts for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.cp_group, self.norm_groups = cp_group, norm_groups
-        groups = [
-            {"params": [p for n, p in named if _decays(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0},
-        ]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self.params, self.cp_group, self.norm_groups = params, cp_group, norm_groups
+        decay, no_decay = [p for p in params if _decays(p)], [p for p in params if not _decays(p)]
+        self.opt = _adamw(decay, no_decay, train)
 
     def after_backward(self, last_microbatch: bool) -> None:
         """FSDP2 has already reduce-scattered each micro-batch's gradients over dp in its

@@ -51,6 +51,7 @@ class Layout:
 
     mesh: DeviceMesh
     cfg: ParallelConfig
+    device: torch.device  # this rank's device, where its model lives
 
     @classmethod
     def build(cls, cfg: ParallelConfig, device: torch.device) -> Layout:
@@ -61,7 +62,7 @@ class Layout:
         options = C10dBackend.Options(backend, timeout=timedelta(seconds=cfg.timeout_s))
         override = {axis: (backend, options) for axis, n in zip(AXES, shape, strict=True) if n > 1}
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=AXES, backend_override=override or None)
-        return cls(mesh, cfg)
+        return cls(mesh, cfg, device)
 
     def timeout(self, axis: str) -> timedelta | None:
         """The timeout of the axis's process group (what a stalled peer costs), None for a one-rank axis."""

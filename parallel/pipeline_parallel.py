@@ -31,7 +31,7 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
 )
 
-from parallel.config import Config, ModelConfig
+from parallel.config import Config, ModelConfig, ParallelConfig
 from parallel.model import Transformer
 
 SCHEDULES = {
@@ -42,11 +42,13 @@ SCHEDULES = {
 }
 
 
-def stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
-    """The global stage indices this pp rank holds, in execution order."""
-    if schedule == "zbv":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + i * pp for i in range(virtual)]
+def stage_ids(pp_rank: int, p: ParallelConfig) -> list[int]:
+    """The global stage indices this pp rank holds, in execution order ([0] without pipelining)."""
+    if p.pp == 1:
+        return [0]
+    if p.pp_schedule == "zbv":
+        return [pp_rank, p.stages - 1 - pp_rank]
+    return [pp_rank + i * p.pp for i in range(p.pp_virtual)]
 
 
 def layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -88,7 +90,7 @@ class Pipeline:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> None:
         p = cfg.parallel
-        self.n_stages = p.pp * (2 if p.pp_schedule == "zbv" else p.pp_virtual)
+        self.n_stages = p.stages
         self.stages = [
             PipelineStage(m, i, self.n_stages, device, group=pp_group) for m, i in zip(parts, ids, strict=True)
         ]

@@ -1,10 +1,8 @@
 """The training loop: build the parallel model, then step it and report metrics.
 
-Order of construction matters and is the same for every layout:
-model on the meta device -> tensor parallel -> materialise and seed the weights
--> activation checkpointing -> data parallel (ZeRO / FSDP2) -> optimizer.
-Seeding after TP but before FSDP lets each rank fill just its TP shard with the
-values one process would have, from the full tensor it generates locally.
+A run reads top to bottom in `Trainer.__init__`: build the model on the meta device,
+parallelize it (parallel/parallelize.py states the order of construction), the optimizer, the
+data, resume from a checkpoint; then `run` loops over the steps.
 
     python -c "from parallel.trainer import Trainer; from parallel.config import load_config; \
 Trainer(load_config(None)).run()"
@@ -25,19 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.activation_checkpointing import apply_ac
 from parallel.checkpoint import Checkpointer, resolve_resume
 from parallel.comms import watch
 from parallel.config import Config, TrainConfig
-from parallel.context_parallel import apply_cp, shard_sequence
+from parallel.context_parallel import shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
-from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
 from parallel.flops import achieved_tflops, flops_per_token, peak_tflops
-from parallel.hf import load_hf
 from parallel.mesh import Layout, init_distributed
-from parallel.model import Transformer
-from parallel.pipeline_parallel import Pipeline, build_stage_model, stage_ids
-from parallel.tensor_parallel import apply_tp, loss_context
+from parallel.parallelize import build_model, build_optimizer, compute_dtype, parallelize
+from parallel.pipeline_parallel import Pipeline, stage_ids
+from parallel.tensor_parallel import loss_context
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -50,29 +45,10 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.train.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.train.dtype)
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Run the model's forward (only the forward) under autocast: matmuls in `dtype`, weights and
-    optimizer in fp32. Set on the module itself so pipeline stages, which call it from the
-    schedule, get it too; backward then follows the dtypes the forward used."""
-    inner = model.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype):
-            return inner(*args, **kwargs)
-
-    model.forward = forward
 
 
 class Trainer:
@@ -86,60 +62,34 @@ class Trainer:
         resume: str | None = None,
     ) -> None:
         """resume: a checkpoint path, `auto`, or None to follow cfg.checkpoint.resume."""
-        self.cfg = cfg
-        self.device = init_distributed(cfg.parallel.timeout_s)
+        self.cfg, p = cfg, cfg.parallel
+        self.device = init_distributed(p.timeout_s)
         self.rank = dist.get_rank()
-        self.layout = Layout.build(cfg.parallel, self.device)
+        self.layout = Layout.build(p, self.device)
         self.dtype = compute_dtype(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
-
-        p = cfg.parallel
-        seq_len = cfg.train.seq_len
-        self.stage_ids = stage_ids(self.layout.coord("pp"), p.pp, p.pp_virtual, p.pp_schedule) if p.pp > 1 else [0]
-        n_stages = p.pp * (2 if p.pp_schedule == "zbv" else p.pp_virtual)
-        with torch.device("meta"):
-            if p.pp > 1:
-                parts = [build_stage_model(cfg.model, i, n_stages, seq_len) for i in self.stage_ids]
-            else:
-                parts = [Transformer(cfg.model, max_seq_len=seq_len)]
-        for model in parts:
-            if p.tp > 1:
-                apply_tp(model, self.layout.mesh["tp"])
-            model.to_empty(device=self.device)
-            model.init_weights(cfg.train.seed)
-            if cfg.model.init_from:
-                load_hf([model], cfg.model.init_from, cfg.model)
-            if p.cp > 1:
-                apply_cp(model, self.layout.group("cp"), seq_len, p.cp_mode)
-            apply_ac(model, p.activation_checkpointing)
-            if self.dtype != torch.float32:
-                autocast_forward(model, self.device.type, self.dtype)
-        self.parts = parts
-        self.optimizer = self._build_optimizer()
+        # build, parallelize, optimizer (and with pp > 1 the schedule that runs the stages)
+        self.stage_ids = stage_ids(self.layout.coord("pp"), p)  # the pipeline stages this rank holds
+        self.parts = build_model(cfg, self.stage_ids)
+        parallelize(self.parts, self.layout, cfg)
+        self.optimizer = build_optimizer(self.parts, self.layout, cfg)
         self.pipeline = None
         if p.pp > 1:
-            self.pipeline = Pipeline(cfg, parts, self.stage_ids, self.layout.group("pp"), self.device, self._loss_fn)
-
+            self.pipeline = Pipeline(
+                cfg, self.parts, self.stage_ids, self.layout.group("pp"), self.device, self._loss_fn
+            )
+        # data
         if source is None:
             source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
-        self.data = DataStream(
-            source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, cfg.parallel.dp
-        )
+        self.data = DataStream(source, cfg.train.global_batch, cfg.train.micro_batch, self.layout.dp_rank, p.dp)
         self.step = 0
         # What this rank is doing now (read by a launcher's heartbeat thread to name where a hung
         # rank was): starting, data, forward-backward, optimizer, loss, checkpoint, idle.
         self.phase = "idle"
+        # resume
         self._since_ckpt: list[dict[str, Any]] = []  # step metrics not yet in a checkpoint
-        self.checkpointer: Checkpointer | None = None
-        resume_path, meta = resolve_resume(cfg, resume)
-        if cfg.checkpoint.dir or resume_path:
-            self.checkpointer = Checkpointer(cfg, self.parts, self.optimizer, self.rank)
-        if resume_path is not None:
-            self.checkpointer.load(resume_path)
-            self.step = meta["step"]
-            self.data.load_state_dict(meta["data"])
-            if self.rank == 0:
-                print(f"fourfold: resumed from {resume_path} at step {self.step}", flush=True)
+        self.checkpointer = self._resume(resume)
+        # metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_tflops, self.peak_source = peak_tflops(self.device, self.dtype, cfg.metrics.peak_tflops)
         self._metrics_out: IO[str] | None = None
@@ -147,30 +97,19 @@ class Trainer:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
             self._metrics_out = open(metrics_file, "a")  # noqa: SIM115 (closed in close())
 
-    def _build_optimizer(self) -> DataParallelOptimizer:
-        t, p, lay = self.cfg.train, self.cfg.parallel, self.layout
-        hyper = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-        if p.zero == 3:
-            # Under pipelining, blocks stay unsharded from forward to the end of the step (as
-            # torchtitan does): each micro-batch would otherwise all-gather them again, and the
-            # zero-bubble schedule's split backward needs it for correctness (see FSDPAdamW).
-            return FSDPAdamW(
-                self.parts, lay.dp_mesh, lay.group("cp"), norm_groups=lay.groups("pp"),
-                reshard_after_forward=p.pp == 1, **hyper,
-            )  # fmt: skip
-        named = [(n, q) for part in self.parts for n, q in part.named_parameters() if q.requires_grad]
-        # The squared norm adds up over disjoint pieces: tp shards and pipeline stages
-        # always, dp_shard slices from stage 1 on (stage 0 keeps whole gradients everywhere).
-        norm_axes = ("tp", "pp") if p.zero == 0 else ("dp_shard", "tp", "pp")
-        return ShardedAdamW(
-            named,
-            p.zero,
-            shard_group=lay.group("dp_shard"),
-            replicate_groups=lay.groups("dp_replicate", "cp"),
-            norm_groups=lay.groups(*norm_axes),
-            tp=p.tp,
-            **hyper,
-        )
+    def _resume(self, resume: str | None) -> Checkpointer | None:
+        """The checkpointer, when checkpoints are written or read; loads the one to resume from."""
+        path, meta = resolve_resume(self.cfg, resume)
+        if not (self.cfg.checkpoint.dir or path):
+            return None
+        checkpointer = Checkpointer(self.cfg, self.parts, self.optimizer, self.rank)
+        if path is not None:
+            checkpointer.load(path)
+            self.step = meta["step"]
+            self.data.load_state_dict(meta["data"])
+            if self.rank == 0:
+                print(f"fourfold: resumed from {path} at step {self.step}", flush=True)
+        return checkpointer
 
     # -- one optimizer step --------------------------------------------------------
     @staticmethod

@@ -1,0 +1,131 @@
+"""How a rank's parallel model is made: one order, the same for every layout.
+
+    parts = build_model(cfg, stage_ids(layout.coord("pp"), cfg.parallel))   # step 1
+    parallelize(parts, layout, cfg)                                          # steps 2-8
+    optimizer = build_optimizer(parts, layout, cfg)
+
+1. build on the meta device (no memory): the whole model, or with pp > 1 one stage model per
+   pipeline stage this rank holds (`build_model`);
+2. tensor parallel (`apply_tp`), while the weights are still only shapes, so a rank allocates
+   just its TP shard of each;
+3. materialise (`to_empty`) and seed (`init_weights`): each rank generates every full tensor from
+   (seed, name) and keeps its shard, so every layout starts from the weights one process has;
+4. load pretrained weights (`model.init_from`) the same way, over the seeded ones;
+5. context parallel (`apply_cp`): the attention cores and the shard's RoPE positions are set on
+   the blocks before checkpointing wraps them;
+6. activation checkpointing (`apply_ac`) wraps each block;
+7. autocast (`apply_autocast`) of each part's forward when computing below fp32;
+8. ZeRO-3 (`apply_fsdp`, FSDP2), last and over all parts: it shards the parameters as the steps
+   above left them (TP shards included) and gathers them around the wrapped blocks.
+
+Steps 2-7 run part by part. ZeRO 0-2 leave the model as it is: their optimizer, which
+`build_optimizer` makes next, shards the optimizer states (and at stage 2 the gradients). With
+pp > 1 the trainer then hands the parts to the pipeline schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from parallel.activation_checkpointing import apply_ac
+from parallel.config import Config
+from parallel.context_parallel import apply_cp
+from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
+from parallel.hf import load_hf
+from parallel.mesh import Layout
+from parallel.model import Transformer
+from parallel.pipeline_parallel import build_stage_model
+from parallel.tensor_parallel import apply_tp
+
+
+def build_model(cfg: Config, stage_ids: list[int]) -> list[Transformer]:
+    """Step 1: this rank's parts on the meta device, one per pipeline stage in `stage_ids`
+    (the whole model when pp is 1)."""
+    seq_len = cfg.train.seq_len
+    with torch.device("meta"):
+        if cfg.parallel.pp == 1:
+            return [Transformer(cfg.model, max_seq_len=seq_len)]
+        return [build_stage_model(cfg.model, i, cfg.parallel.stages, seq_len) for i in stage_ids]
+
+
+def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
+    """Steps 2-8 of the module docstring, in place, on the parts `build_model` made."""
+    p = cfg.parallel
+    dtype = compute_dtype(cfg, layout.device)
+    for model in parts:
+        if p.tp > 1:
+            apply_tp(model, layout.mesh["tp"])
+        model.to_empty(device=layout.device)
+        model.init_weights(cfg.train.seed)
+        if cfg.model.init_from:
+            load_hf([model], cfg.model.init_from, cfg.model)
+        if p.cp > 1:
+            apply_cp(model, layout.group("cp"), cfg.train.seq_len, p.cp_mode)
+        apply_ac(model, p.activation_checkpointing)
+        if dtype != torch.float32:
+            apply_autocast(model, layout.device.type, dtype)
+    if p.zero == 3:
+        # Under pipelining, blocks stay gathered from forward to the end of the step (apply_fsdp).
+        apply_fsdp(parts, layout.dp_mesh, reshard_after_forward=p.pp == 1)
+
+
+def build_optimizer(parts: list[nn.Module], layout: Layout, cfg: Config) -> DataParallelOptimizer:
+    """The optimizer of the parts `parallelize` made: on FSDP2's shards for ZeRO 3, else on the
+    elements of the flat vector this rank owns."""
+    p = cfg.parallel
+    params = [q for part in parts for q in part.parameters() if q.requires_grad]
+    if p.zero == 3:
+        return FSDPAdamW(params, layout.group("cp"), norm_groups=layout.groups("pp"), train=cfg.train)
+    # The squared norm adds up over disjoint pieces: tp shards and pipeline stages
+    # always, dp_shard slices from stage 1 on (stage 0 keeps whole gradients everywhere).
+    norm_axes = ("tp", "pp") if p.zero == 0 else ("dp_shard", "tp", "pp")
+    return ShardedAdamW(
+        params,
+        p.zero,
+        shard_group=layout.group("dp_shard"),
+        replicate_groups=layout.groups("dp_replicate", "cp"),
+        norm_groups=layout.groups(*norm_axes),
+        tp=p.tp,
+        train=cfg.train,
+    )
+
+
+def apply_autocast(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Run the model's forward (only the forward) under autocast: matmuls in `dtype`, weights and
+    optimizer in fp32. Set on the module itself so pipeline stages, which call it from the
+    schedule, get it too; backward then follows the dtypes the forward used."""
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+
+
+def apply_fsdp(parts: list[nn.Module], dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+    """ZeRO-3: FSDP2 `fully_shard` on every block, then on each part's root, over the dp mesh.
+
+    reshard_after_forward=False keeps each block's gathered parameters from its forward until
+    the end of the step; `parallelize` sets it under pipelining. There it saves an all-gather per
+    micro-batch, and the zero-bubble schedule needs it to be right: its split backward finds the
+    weights by `stage.submod.parameters()`, which after a resharding forward are the sharded
+    parameters, not the gathered ones the autograd graph used. The deferred weight-gradient pass
+    then leaves every stage but the first with wrong gradients (grad norm 0.80 instead of 0.90 on
+    the tiny model at pp=2, dp=2)."""
+    for model in parts:
+        for block in model.layers.values():
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: train.dtype, or with `auto` bf16 on CUDA and fp32 on CPU."""
+    if cfg.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.train.dtype)
