@@ -163,6 +163,14 @@ class ParallelConfig(_Section):
         """Pipeline stages in all: pp x pp_virtual (zbv runs pp_virtual=2, the two arms of its V)."""
         return self.pp * self.pp_virtual
 
+    def stage_ids(self, pp_rank: int) -> list[int]:
+        """The global stage indices a pp rank holds, in execution order ([0] without pipelining)."""
+        if self.pp == 1:
+            return [0]
+        if self.pp_schedule == "zbv":
+            return [pp_rank, self.stages - 1 - pp_rank]
+        return [pp_rank + i * self.pp for i in range(self.pp_virtual)]
+
 
 class TrainConfig(_Section):
     steps: int = Field(10, ge=1)

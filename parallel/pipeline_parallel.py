@@ -44,11 +44,7 @@ SCHEDULES = {
 
 def stage_ids(pp_rank: int, p: ParallelConfig) -> list[int]:
     """The global stage indices this pp rank holds, in execution order ([0] without pipelining)."""
-    if p.pp == 1:
-        return [0]
-    if p.pp_schedule == "zbv":
-        return [pp_rank, p.stages - 1 - pp_rank]
-    return [pp_rank + i * p.pp for i in range(p.pp_virtual)]
+    return p.stage_ids(pp_rank)
 
 
 def layer_ranges(n_layers: int, n_stages: int) -> list[range]:
