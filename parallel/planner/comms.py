@@ -87,7 +87,8 @@ def collectives(cfg: Config, dtype: str = "fp32", pp_rank: int = 0) -> list[Coll
             root = sum(x.fsdp_shard(n) for x in s.root) * n * 4
             gathers = 2 if p.pp == 1 else 1  # forward, and again in backward after resharding
             add("dp_shard", "all_gather", block, gathers * per_mb * s.n_layers, n, "block parameters", "compute")
-            add("dp_shard", "all_gather", root, per_mb, n, "root parameters (embedding, head)", "compute")
+            # The root reshards after forward too (reshard_after_forward=True without pp): gathered again in backward.
+            add("dp_shard", "all_gather", root, gathers * per_mb, n, "root parameters (embedding, head)", "compute")
             add("dp_shard", "reduce_scatter", block, per_mb * s.n_layers, n, "block gradients", "compute")
             add("dp_shard", "reduce_scatter", root, per_mb, n, "root gradients", "compute")
             add("dp_replicate", "all_reduce", block / n, per_mb * s.n_layers, rep, "block gradient shards", "compute")

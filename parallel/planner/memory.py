@@ -44,16 +44,27 @@ def state_bytes(cfg: Config, pp_rank: int = 0) -> dict[str, int]:
     zero 0: P, P, 2P. zero 1: P, P, 2S. zero 2: P, P + S (each backward produces whole gradients before
     reducing them into the shard S), 2S. zero 3 (FSDP2, each tensor's dim 0 padded to a multiple of N):
     P/N, P/N, 2P/N without pipelining (blocks are gathered one at a time: see `memory`'s zero3_unsharded);
-    with pipelining the stages stay gathered and their gradients unsharded all step, so P + P/N, P + P/N.
-    HSDP divides by dp_shard only; cp never shards state."""
+    with pipelining the stages stay gathered all step and their gradients unsharded until the reduction,
+    so P + P/N, P, 2P/N.
+    HSDP divides by dp_shard only; cp never shards state.
+
+    Measured (tests/dist/test_planner_measured.py) and counted so: under pipelining, ZeRO-3's gradients
+    peak at P, not P + P/N (the unsharded ones are freed group by group as the sharded ones are made);
+    and with tp > 1 outside ZeRO-3, a rank holding the vocab-parallel embedding has its whole V x C
+    gradient (Replicate after backward) until the engine cuts it to its shard, so V*C*(1 - 1/tp) more."""
     local, _, shard, fsdp = zero_sizes(cfg, pp_rank)
-    return _state(cfg.parallel.zero, cfg.parallel.pp, local, shard, fsdp)
+    out = _state(cfg.parallel.zero, cfg.parallel.pp, local, shard, fsdp)
+    p, m = cfg.parallel, cfg.model
+    holds_embedding = any(s.first for s in rank_stages(m, p, pp_rank))
+    if p.tp > 1 and p.zero != 3 and holds_embedding:
+        out["grads"] += (m.vocab_size * m.dim - m.vocab_size // p.tp * m.dim) * GRAD
+    return out
 
 
 def _state(zero: int, pp: int, local: int, shard: int, fsdp: int) -> dict[str, int]:
     if zero == 3:
         whole = local if pp > 1 else 0
-        elems = (whole + fsdp, whole + fsdp, fsdp)
+        elems = (whole + fsdp, whole or fsdp, fsdp)  # gradients: P under pipelining, else P/N
     elif zero == 2:
         elems = (local, local + shard, shard)
     else:
