@@ -43,7 +43,7 @@ from service.metrics import ServiceMetrics
 from service.recovery import backoff_s, fit, resume_spec
 from service.resources import Resources, free_of, give_back
 from service.scheduler import admit
-from service.states import AttemptOutcome, AttemptPhase, EventKind, JobState, check_phase
+from service.states import AttemptOutcome, AttemptPhase, EventKind, InvalidTransition, JobState, check_phase
 from service.store import JobRecord, Store
 from workers.group import WorkerGroup, node_resources, remove_leftovers
 from workers.placement import Plan
@@ -402,15 +402,18 @@ class Supervisor:
         free, total = self.free_resources()
         for d in admit(queued, free, total):
             job = next(j for j in queued if j.id == d.job_id)
-            if d.action == "refuse":
-                states = ((JobState.STARTING, "checking placement"),
-                          (JobState.FAILED, f"cannot be placed on this cluster: {d.reason}"))  # fmt: skip
-                self.store.apply(job.id, Change(states=states))
-                continue
-            assert d.cfg is not None and d.plan is not None
-            note = phases.elastic_note(d.cfg.parallel.dp, job.spec["parallel"]["dp"])
-            spec = job.spec if not note else d.cfg.model_dump(mode="json", by_alias=True)
-            self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
+            try:
+                if d.action == "refuse":
+                    states = ((JobState.STARTING, "checking placement"),
+                              (JobState.FAILED, f"cannot be placed on this cluster: {d.reason}"))  # fmt: skip
+                    self.store.apply(job.id, Change(states=states))
+                    continue
+                assert d.cfg is not None and d.plan is not None
+                note = phases.elastic_note(d.cfg.parallel.dp, job.spec["parallel"]["dp"])
+                spec = job.spec if not note else d.cfg.model_dump(mode="json", by_alias=True)
+                self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
+            except InvalidTransition:  # cancelled since the queue was read: its change wrote nothing; skip it
+                log.info("job %s left the queue while it was being admitted", job.id)
 
 
 def _progress(m: dict, job: object) -> str:

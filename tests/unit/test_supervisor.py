@@ -197,6 +197,20 @@ def test_a_storage_refusal_on_a_rank_fails_the_job_without_a_restart(store: Stor
     assert record.failure_reason == f"rank 0 (node node-a) raised: {refused}"
 
 
+def test_a_job_cancelled_while_being_admitted_is_skipped(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API cancels a queued job after the supervisor read the queue: admitting it must not fail the tick
+    (schemathesis found this race: submit, then cancel at once)."""
+    sup = _supervisor(store, Cluster())
+    job = _submit(store)
+    other = _submit(store)
+    stale = store.queued()  # what the supervisor read ...
+    store.request_cancel(job)  # ... before the API cancelled the first job
+    monkeypatch.setattr(store, "queued", lambda limit=100: stale)
+    sup.tick()
+    assert store.get_job(job).state == JobState.CANCELLED and store.get_job(job).attempts == 0
+    assert store.get_job(other).state == JobState.STARTING  # the rest of the queue was admitted
+
+
 def test_a_cancel_does_not_wait_out_the_backoff(store: Store) -> None:
     sup = _supervisor(store, Cluster())
     job = _submit(store, restart={"max_failures": 3, "backoff_s": 100})
