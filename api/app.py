@@ -3,7 +3,7 @@
     app = create_app(Settings(data_dir="runs/svc"), supervise=True)   # supervise: run jobs on Ray
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes under /v1 (api/routes/: jobs, audit, cluster), plus /healthz and /metrics (Prometheus). With
+Routes under /v1 (api/routes/: jobs, audit, cluster, plan), plus /healthz and /metrics (Prometheus). With
 `supervise=False` (tests of the API alone) jobs are stored and stay QUEUED.
 """
 
@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse
 from api import dashboard, errors, openapi
 from api import state as app_state
 from api.deps import MetricsDep, StoreDep
-from api.routes import audit, cluster, jobs
+from api.routes import audit, cluster, jobs, plan
 from api.schemas import Health
 from api.tickets import TicketBook
 from service.metrics import ServiceMetrics
@@ -43,7 +43,10 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
             from workers.run import connect
 
             connect()
-            state.supervisor = Supervisor(state.store, state.metrics, settings.poll_s)
+            state.supervisor = Supervisor(
+                state.store, state.metrics, settings.poll_s, accelerator=settings.accelerator,
+                max_ranks=settings.max_world_size,
+            )  # fmt: skip
             state.supervisor.start()
         yield
         if state.supervisor is not None:
@@ -59,6 +62,7 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
     app.include_router(jobs.router)
     app.include_router(audit.router)
     app.include_router(cluster.router)
+    app.include_router(plan.router)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next: Any) -> Response:

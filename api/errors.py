@@ -31,6 +31,10 @@ AUTH_ONLY = "x-fourfold-auth-only"
 operation's `security`) from the schema of a server without any, and removes the mark."""
 
 
+FASTAPI_UNPARSABLE = "There was an error parsing the body"
+"""FastAPI's 400 for a JSON body it cannot decode: a 422 here, as every other bad body is."""
+
+
 class ErrorBody(BaseModel):
     """Every error response: one line naming the field (`body`, `query.limit`, `parallel.tp`, a header,
     `path`, `method`, ...), what is wrong with it, and what would be valid."""
@@ -96,6 +100,8 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     if code < 200 or code in (204, 304):  # a status without a body
         return Response(status_code=code, headers=headers)
     detail = _detail_text(exc.detail)
+    if code == 400 and detail == FASTAPI_UNPARSABLE:  # a JSON body route's body that is not even text
+        return _body(422, "body: not valid JSON (it does not decode as UTF-8 text); send a JSON object")
     if detail == HTTPStatus(code).phrase:  # raised without a message: Starlette's routing, StaticFiles
         path = request.url.path
         if code == 404:

@@ -27,9 +27,11 @@ from pydantic import Field
 from pydantic.json_schema import models_json_schema
 
 from api.errors import AUTH_ONLY
-from parallel.config import Config
+from parallel.config import AUTO, AUTO_FIELDS, Config
 
 COMPONENTS = "#/components/schemas/{model}"
+JOB_SPEC_FIELD = "x-fourfold-job-spec"
+"""json_schema_extra key of a model field that holds a job spec: its schema becomes JobSpec's."""
 JOB_ID = "$response.body#/id"
 YAML = "application/yaml"
 TICKET = "StreamTicket"
@@ -48,7 +50,27 @@ class JobSpec(Config):
 def job_spec_components() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The `$ref` of JobSpec and the components it needs (JobSpec and each section of the config)."""
     refs, defs = models_json_schema([(JobSpec, "validation")], ref_template=COMPONENTS)
-    return refs[(JobSpec, "validation")], defs["$defs"]
+    return refs[(JobSpec, "validation")], with_auto(defs["$defs"])
+
+
+def _about(prop: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in prop.items() if k in ("title", "description", "default")}
+
+
+def with_auto(defs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The components with `auto` as a value of each layout field the planner may choose
+    (`parallel.config.AUTO_FIELDS`) and of `parallel` itself: the config's validator takes it before the
+    fields' types see it, so the models' own schemas cannot say so."""
+    auto = {"const": AUTO, "description": "chosen by the layout planner when the job is admitted"}
+    models = {"parallel": "ParallelConfig", "train": "TrainConfig"}
+    for section, fields in AUTO_FIELDS.items():
+        props = defs[models[section]]["properties"]
+        for name in fields:
+            value = {k: v for k, v in props[name].items() if k not in _about(props[name])}
+            props[name] = {"anyOf": [value, auto], **_about(props[name])}
+    spec = defs["JobSpec"]["properties"]
+    spec["parallel"] = {"anyOf": [{"$ref": COMPONENTS.format(model="ParallelConfig")}, auto]}
+    return defs
 
 
 def job_spec_body() -> dict[str, Any]:
@@ -121,7 +143,12 @@ def build(app: FastAPI, auth: bool) -> dict[str, Any]:
     )
     components = schema.setdefault("components", {})
     _, defs = job_spec_components()
-    components.setdefault("schemas", {}).update(defs)
+    schemas = components.setdefault("schemas", {})
+    schemas.update(defs)
+    for model in schemas.values():  # a field marked as holding a job spec (POST /v1/plan's spec) refers to it
+        for name, prop in model.get("properties", {}).items():
+            if prop.pop(JOB_SPEC_FIELD, False):
+                model["properties"][name] = {"$ref": COMPONENTS.format(model="JobSpec"), **_about(prop)}
     for item in schema.get("paths", {}).values():
         for operation in item.values():
             responses = operation.get("responses", {})

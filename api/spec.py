@@ -9,15 +9,19 @@ engine's own config and by the operator's limits. Every refusal is a 413 or a 42
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from fastapi import HTTPException, Request, status
 
 from api.errors import unprocessable
 from parallel.config import ConfigError, build_config, read_yaml
+from service.planning import PlanInputError, at_submit
 from service.quota import world_size
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.supervisor import Supervisor
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 MAX_BODY = 1 << 20  # a job spec is a few hundred bytes; a megabyte is a mistake
@@ -81,12 +85,25 @@ def check_limits(spec: dict[str, Any], settings: Settings) -> None:
     steps = spec["train"]["steps"]
     if steps > settings.max_steps:
         raise unprocessable(f"train.steps={steps}: at most {settings.max_steps} on this service")
-    if (ranks := world_size(spec)) > settings.max_world_size:
+    if (ranks := world_size(spec)) > settings.max_world_size and spec.get("plan", {}).get("auto"):
+        raise unprocessable(f"plan.ranks={ranks}: at most {settings.max_world_size} on this service")
+    if ranks > settings.max_world_size:
         p = spec["parallel"]
         raise unprocessable(
             f"parallel: dp*tp*pp*cp = {p['dp']}*{p['tp']}*{p['pp']}*{p['cp']} = {ranks} ranks; "
             f"at most {settings.max_world_size} on this service"
         )
+
+
+def plan_at_submit(spec: dict[str, Any], settings: Settings, supervisor: Supervisor | None) -> tuple[dict, list[str]]:
+    """`service.planning.at_submit` on the live cluster: plan.ranks filled for an auto layout, a layout
+    predicted not to fit refused (422 with the memory breakdown). Returns the spec and notes for the log."""
+    total = supervisor.free_resources()[1] if supervisor is not None else None
+    try:
+        cfg, notes = at_submit(build_config(spec), total, settings.accelerator, settings.max_world_size)
+    except PlanInputError as err:
+        raise unprocessable(str(err)) from None
+    return cfg.model_dump(mode="json", by_alias=True), notes
 
 
 def _too_large(size: int | str) -> HTTPException:

@@ -267,6 +267,67 @@ class RestartConfig(_Section):
     """A job whose ranks report no heartbeat for this long is treated as failed."""
 
 
+AUTO = "auto"
+AUTO_FIELDS: dict[str, tuple[str, ...]] = {
+    "parallel": ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing"),
+    "train": ("micro_batch",),
+}
+"""The layout fields a spec may leave to the planner by writing `auto` (`parallel: auto` is every one)."""
+
+
+class PlanConfig(_Section):
+    """Read by the service (and `fourfold plan`), not by the engine: docs/planner.md."""
+
+    auto: list[Literal["dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing",
+                       "micro_batch"]] = Field(default_factory=list)  # fmt: skip
+    """Layout fields the service chooses when it admits the job, planning against the live cluster; a
+    spec says `parallel: auto` (all of them) or `auto` for a field (parallel.tp: auto, train.micro_batch:
+    auto), which lands here. The choice and its reasons are the job's `plan` event."""
+    ranks: int | None = Field(None, ge=1)
+    """With auto fields: how many ranks to plan for (null: every slot of the cluster when submitted, up
+    to the service's limit on ranks)."""
+    accelerator: str | None = Field(None, max_length=64)
+    """The GPU the planner assumes (h100-80gb, a100-80gb, ...: `fourfold plan --help`); null: the
+    service's FOURFOLD_ACCELERATOR. Ray does not say which GPU a node has; CPU nodes are measured."""
+    memory_check: bool = True
+    """Refuse at submit a layout whose predicted peak memory per rank is over the accelerator's (less a
+    10% margin); false runs it anyway."""
+
+
+def expand_auto(data: Any) -> Any:
+    """A spec's `auto` values moved into plan.auto (the fields keep their defaults until the planner
+    fills them; an auto micro_batch is 1 meanwhile, which every global batch takes). An auto axis with
+    dp unset leaves dp to the planner too: an unset dp is whatever the other axes leave of the world."""
+    if not isinstance(data, dict):
+        return data
+    out, auto = dict(data), []
+    if out.get("parallel") == AUTO:
+        out["parallel"] = {}
+        auto += AUTO_FIELDS["parallel"]
+        train = out.get("train")
+        if not (isinstance(train, dict) and "micro_batch" in train):
+            auto.append("micro_batch")
+    for section, fields in AUTO_FIELDS.items():
+        part = out.get(section)
+        if isinstance(part, dict) and any(part.get(f) == AUTO for f in fields):
+            auto += [f for f in fields if part.get(f) == AUTO]
+            out[section] = {k: v for k, v in part.items() if not (k in fields and v == AUTO)}
+    if not auto:
+        return data
+    par = out.get("parallel")
+    if any(a in auto for a in ("tp", "pp", "cp")) and not (isinstance(par, dict) and "dp" in par):
+        auto.append("dp")  # an unset dp fills whatever the others leave of the world, as it does without auto
+    train = out.get("train", {})
+    if "micro_batch" in auto and isinstance(train, dict):  # not a mapping: the validation refuses it
+        out["train"] = {**train, "micro_batch": 1}
+    plan = out.get("plan", {})
+    if isinstance(plan, dict) and isinstance(plan.get("auto", []), list):  # else the validation refuses it
+        given = plan.get("auto", [])  # kept whole, so that the validation sees any item it refuses
+        order = (*AUTO_FIELDS["parallel"], *AUTO_FIELDS["train"])
+        out["plan"] = {**plan, "auto": [*given, *(f for f in order if f in auto and f not in given)]}
+    return out
+
+
 class Config(_Section):
     name: str = Field("fourfold", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     """A name for the run (up to 200 characters, no control characters)."""
@@ -278,6 +339,12 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     restart: RestartConfig = Field(default_factory=RestartConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, data: Any) -> Any:
+        return expand_auto(data)
 
     @property
     def grad_accum(self) -> int:
@@ -336,6 +403,11 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError("checkpoint.resume=auto needs checkpoint.dir to look in")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source}")
+    if cfg.plan.ranks is not None and not cfg.plan.auto:
+        raise ConfigError(
+            f"plan.ranks={cfg.plan.ranks}: goes with layout fields left to the planner (parallel: auto); "
+            f"this spec fixes its layout at dp*tp*pp*cp = {p.world_size} ranks"
+        )
     if world_size is not None and world_size != p.world_size:
         raise ConfigError(
             f"parallel: dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {p.world_size} but the world size is "

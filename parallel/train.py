@@ -164,6 +164,11 @@ def preflight(cfg: Config, write_probe: bool = True) -> TokenSource:
     from parallel.data import build_source  # imports torch, so only once the config parsed
     from parallel.hf import check_hf_dir
 
+    if cfg.plan.auto:
+        raise ConfigError(
+            f"plan.auto: {', '.join(cfg.plan.auto)} left to the planner; the service chooses them when it admits "
+            "the job. To run the engine alone give them values (`fourfold plan --config ...` ranks the layouts)"
+        )
     source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
     if cfg.model.init_from:
         check_hf_dir(cfg.model.init_from, cfg.model)

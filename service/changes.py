@@ -13,6 +13,7 @@ guessing. Parts are applied in the order of the fields below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from service.states import AttemptOutcome, EventKind, JobState
 
@@ -29,6 +30,8 @@ class Change:
     """Events other than state changes, (kind, message) each."""
     states: tuple[tuple[JobState, str], ...] = ()
     """State changes in order, (new state, reason) each, each checked against the state machine."""
+    spec: dict[str, Any] | None = None
+    """The job's spec from now on (its auto layout fields resolved by the planner)."""
     new_attempt: bool = False
     """Count one more attempt (its number is what `Store.apply` returns)."""
     logs: tuple[str, ...] = ()

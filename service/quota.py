@@ -37,6 +37,10 @@ class QuotaExceeded(Exception):
 
 
 def world_size(spec: dict[str, Any]) -> int:
+    """The ranks a spec runs: dp x tp x pp x cp, or for a layout left to the planner, plan.ranks."""
+    plan = spec.get("plan") or {}
+    if plan.get("auto") and plan.get("ranks"):
+        return int(plan["ranks"])
     p = spec.get("parallel", {})
     return int(p.get("dp", 1)) * int(p.get("tp", 1)) * int(p.get("pp", 1)) * int(p.get("cp", 1))
 

@@ -106,3 +106,4 @@ class EventKind(StrEnum):
     CANCEL = "cancel"  # a caller asked to cancel
     FAILURE = "failure"  # an attempt failed (its cause)
     RECOVERY = "recovery"  # training resumed after a failure (how long it took)
+    PLAN = "plan"  # the planner chose the layout of a spec's auto fields (which, and why)

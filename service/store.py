@@ -206,6 +206,8 @@ class Store:
                 self._locked_attempt(session, job_id, number).recovery_s = float(seconds)
             for kind, message in change.events:
                 session.add(Event(job_id=job_id, time=now, kind=EventKind(kind).value, message=message))
+            if change.spec is not None:
+                job.spec = change.spec
             for state, reason in change.states:
                 self._apply(session, job, JobState(state), reason)
             number = None

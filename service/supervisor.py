@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from parallel.checkpoint import list_checkpoints
-from parallel.config import Config, build_config
+from parallel.config import Config, ConfigError, build_config
 from service import attempt as phases
 from service.attempt import TRAINING_REASON, Attempt, ClusterResources, End, GroupFactory, RemoveLeftovers, Seen
 from service.changes import Change
 from service.metrics import ServiceMetrics
+from service.planning import PlanInputError, resolve_auto
 from service.recovery import backoff_s, fit, resume_spec
 from service.resources import Resources, free_of, give_back
 from service.scheduler import admit
@@ -79,9 +80,13 @@ class Supervisor:
         resources: ClusterResources = node_resources,
         leftovers: RemoveLeftovers = remove_leftovers,
         ready_timeout_s: float = READY_TIMEOUT_S,
+        accelerator: str | None = None,
+        max_ranks: int | None = None,
     ) -> None:
-        """group_factory, resources and leftovers reach Ray through `workers`; tests pass fakes."""
+        """group_factory, resources and leftovers reach Ray through `workers`; tests pass fakes.
+        accelerator (the GPUs' type) and max_ranks bound what `parallel: auto` plans for."""
         self.store, self.metrics, self.poll_s = store, metrics or ServiceMetrics(), poll_s
+        self.accelerator, self.max_ranks = accelerator, max_ranks
         self.ready_timeout_s = ready_timeout_s
         self.group_factory, self.resources, self.leftovers = group_factory, resources, leftovers
         self.running: dict[str, Attempt] = {}
@@ -400,6 +405,7 @@ class Supervisor:
         if not queued:
             return
         free, total = self.free_resources()
+        queued = self._plan_auto(queued, total)
         for d in admit(queued, free, total):
             job = next(j for j in queued if j.id == d.job_id)
             try:
@@ -414,6 +420,33 @@ class Supervisor:
                 self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
             except InvalidTransition:  # cancelled since the queue was read: its change wrote nothing; skip it
                 log.info("job %s left the queue while it was being admitted", job.id)
+
+    def _plan_auto(self, queued: list[JobRecord], total: Resources) -> list[JobRecord]:
+        """The queue with each spec's auto layout fields chosen by the planner on the live cluster (the
+        spec stored with them, and a `plan` event saying why); a job no layout fits fails, saying why."""
+        if not total:
+            return queued
+        out = []
+        for job in queued:
+            if not (job.spec.get("plan") or {}).get("auto"):
+                out.append(job)
+                continue
+            try:
+                cfg, message = resolve_auto(build_config(job.spec), total, self.accelerator, self.max_ranks)
+            except (PlanInputError, ConfigError) as err:
+                states = ((JobState.STARTING, "planning the layout"), (JobState.FAILED, f"planner: {err}"))
+                self._apply_queued(job.id, Change(states=states))
+                continue
+            spec = cfg.model_dump(mode="json", by_alias=True)
+            self._apply_queued(job.id, Change(spec=spec, events=((EventKind.PLAN, message),), logs=(message,)))
+            out.append(job.model_copy(update={"spec": spec}))
+        return out
+
+    def _apply_queued(self, job_id: str, change: Change) -> None:
+        try:
+            self.store.apply(job_id, change)
+        except InvalidTransition:  # cancelled since the queue was read
+            log.info("job %s left the queue while it was being planned", job_id)
 
 
 def _progress(m: dict, job: object) -> str:

@@ -16,11 +16,12 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
+from api import state as app_state
 from api.deps import CallerDep, OwnedJob, Position, SettingsDep, StoreDep, known_query
 from api.errors import error_response, error_responses, unprocessable
 from api.openapi import job_links, job_spec_body, stream_events, ticket_security
 from api.schemas import JobList, JobPublic, JobSummary
-from api.spec import DEFAULT_DIR, check_limits, parse_spec, read_body
+from api.spec import DEFAULT_DIR, check_limits, parse_spec, plan_at_submit, read_body
 from api.tickets import StreamJob, StreamTicket, book
 from service.quota import Quota, QuotaExceeded
 from service.states import TERMINAL, JobState
@@ -58,6 +59,8 @@ async def submit(
 ) -> JobPublic:
     spec, priority = parse_spec(await read_body(request), request.headers.get("content-type", ""))
     check_limits(spec, settings)
+    spec, notes = await run_in_threadpool(plan_at_submit, spec, settings, app_state.of(request.app).supervisor)
+    check_limits(spec, settings)
     earlier = await run_in_threadpool(store.job_by_key, caller.user, idempotency_key)
     job_id = earlier.id if earlier is not None else new_job_id()
     grant = settings.storage_policy().grant(caller.user, job_id, admin=caller.admin)
@@ -82,6 +85,8 @@ async def submit(
                 "use a new key for a new job"
             )
         response.status_code = status.HTTP_200_OK  # a retried submission: the job it made before
+    elif notes:
+        await run_in_threadpool(store.append_logs, job.id, notes)
     return JobPublic.of(job)
 
 

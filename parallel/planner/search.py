@@ -8,8 +8,9 @@ are returned; tp never exceeds a node (the placement rule).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from parallel.config import Config, ConfigError, ParallelConfig, check
 from parallel.planner.hardware import Accelerator, Cluster
@@ -71,18 +72,26 @@ def _groups(
     checkpointing: tuple[str, ...],
     schedules: tuple[str, ...],
     micro_batches: tuple[int, ...] | None,
+    fixed: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[tuple, int, bool, list[Config]]]:
     """(layout key, micro_batch, reaches_target, configs in `checkpointing` order) for every layout,
-    micro-batches ascending within a key."""
+    micro-batches ascending within a key; `fixed` holds axes (dp, tp, pp, cp, dp_replicate) to keep."""
     n_layers, gb = cfg.model.n_layers, cfg.train.global_batch
-    for tp in (d for d in _divisors(world) if d <= per_node):
-        for cp in _divisors(world // tp):
-            for pp in (d for d in _divisors(world // (tp * cp)) if d <= n_layers):
+    keep = dict(fixed or {})
+
+    def free(axis: str, value: int) -> bool:
+        return axis not in keep or keep[axis] == value
+
+    for tp in (d for d in _divisors(world) if d <= per_node and free("tp", d)):
+        for cp in (d for d in _divisors(world // tp) if free("cp", d)):
+            for pp in (d for d in _divisors(world // (tp * cp)) if d <= n_layers and free("pp", d)):
                 dp = world // (tp * cp * pp)
+                if not free("dp", dp):
+                    continue
                 target = gb % dp == 0
                 batch = gb if target else max(dp, round(gb / dp) * dp)
                 for sched, virtual in _schedules(pp, n_layers, schedules):
-                    for rep in _divisors(dp):
+                    for rep in (r for r in _divisors(dp) if free("dp_replicate", r)):
                         for zero in zero_stages:
                             if rep > 1 and zero == 0:
                                 continue
@@ -97,6 +106,19 @@ def _groups(
                                     par = base.parallel.model_copy(update={"activation_checkpointing": ac})
                                     group.append(base.model_copy(update={"parallel": par}))
                                 yield (tp, cp, pp, dp, sched, virtual, rep, zero), mb, target, group
+
+
+def kept_fields(cfg: Config) -> dict[str, Any]:
+    """The layout fields a search keeps for `cfg`: none when its plan.auto is empty (plan every layout),
+    else every layout field that plan.auto does not name, at the spec's value."""
+    auto = set(cfg.plan.auto)
+    if not auto:
+        return {}
+    p = cfg.parallel
+    fields = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "zero": p.zero, "dp_replicate": p.dp_replicate,
+              "pp_schedule": p.pp_schedule, "activation_checkpointing": p.activation_checkpointing,
+              "micro_batch": cfg.train.micro_batch}  # fmt: skip
+    return {k: v for k, v in fields.items() if k not in auto}
 
 
 def _schedules(pp: int, n_layers: int, schedules: tuple[str, ...]) -> Iterator[tuple[str, int]]:
@@ -137,6 +159,7 @@ def search(
     schedules: tuple[str, ...] = SCHEDULES,
     micro_batches: tuple[int, ...] | None = None,
     dominated: bool = False,
+    fixed: Mapping[str, Any] | None = None,
 ) -> list[Candidate]:
     """The `top` best layouts for the whole cluster, best first, each with its reasons.
 
@@ -145,7 +168,17 @@ def search(
     (peak > capacity x (1 - margin)) are dropped, unless none fits: then the `top` nearest to fitting come
     back, marked, so the answer says how far off the job is. Unless `dominated`, a layout is left out
     when one ranked above it needs no more memory, so each layout after the first is slower but leaves
-    more room (HSDP variants of a layout, which here only cost memory, are never listed behind it)."""
+    more room (HSDP variants of a layout, which here only cost memory, are never listed behind it).
+
+    `fixed` keeps layout fields at the given values (`kept_fields`: those of a spec's layout that its
+    plan.auto does not leave to the planner): axes, zero, pp_schedule, activation_checkpointing,
+    micro_batch."""
+    keep = dict(fixed or {})
+    zero_stages = tuple(z for z in zero_stages if "zero" not in keep or z == keep["zero"])
+    checkpointing = tuple(m for m in checkpointing if keep.get("activation_checkpointing", m) == m)
+    schedules = tuple(x for x in schedules if keep.get("pp_schedule", x) == x)
+    if "micro_batch" in keep:
+        micro_batches = tuple(m for m in micro_batches or (keep["micro_batch"],) if m == keep["micro_batch"])
     dtype = compute_dtype(cfg, cluster)
     acc = cluster.accelerator
     usable = acc.memory_bytes * (1 - margin)
@@ -156,7 +189,7 @@ def search(
     # the first checkpointing mode (in `checkpointing` order) that fits, and once even the last does
     # not fit, skip the layout's larger micro-batches.
     order = [m for m in CHECKPOINTING if m in checkpointing]
-    groups = _groups(cfg, cluster.world, cluster.per_node, zero_stages, tuple(order), schedules, micro_batches)
+    groups = _groups(cfg, cluster.world, cluster.per_node, zero_stages, tuple(order), schedules, micro_batches, keep)
     for key, _mb, target, group in groups:
         if key in too_big:
             continue

@@ -66,6 +66,8 @@ STATUSES = {
     "GET /healthz": {"200"},
     "GET /metrics": {"200"},
     "GET /v1/cluster": {"200"},
+    "POST /v1/plan": {"200", "422"},
+    "GET /v1/jobs/{job_id}/prediction": ABOUT_A_JOB,
 }
 WITH_TOKENS = {op: {"401"} for op in STATUSES if op not in ("GET /healthz", "GET /metrics")}
 WITH_TOKENS["GET /v1/audit"] = {"401", "403"}  # admins only, and without tokens every caller is one
@@ -297,14 +299,19 @@ def fourfold_up(ray_head: Any, tmp_path: Path) -> Iterator[Callable[..., str]]:
 # that a JSON schema cannot state (tp must divide the heads, the global batch split over dp x
 # micro_batch, pp_virtual with its schedule, a preset-less model's dimensions, ...), a fractional
 # cpus_per_rank above 1, paths outside what the service lets jobs read and write, the operator's
-# limits (train.steps, the world size), and an Idempotency-Key used before for another spec. Only
-# that operation expects a 422 for schema-valid data; every other check stays as schemathesis has it.
+# limits (train.steps, the world size), and an Idempotency-Key used before for another spec. The
+# planner (POST /v1/plan) takes the same spec, and a cluster string naming an accelerator in its table.
+# Only these operations expect a 422 for schema-valid data; every other check stays as schemathesis has it.
 SCHEMATHESIS_TOML = """
 request-timeout = 30
 
 [[operations]]
 include-operation-id = "submit_job"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "413", "422", "429"]
+
+[[operations]]
+include-operation-id = "plan"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "422"]
 """
 
 

@@ -130,3 +130,20 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
             break
         assert time.monotonic() < deadline, (actors, groups)
         time.sleep(0.5)
+
+
+def test_an_auto_layout_is_planned_on_the_live_cluster_and_trains(api: TestClient) -> None:
+    spec = {**_spec("auto", 3), "parallel": "auto"}
+    job = api.post("/v1/jobs", json=spec).json()
+    assert job["spec"]["plan"]["ranks"] == 2 * NODE_CPUS  # every slot of the cluster at submit
+    done = _wait(api, job["id"], {"SUCCEEDED", "FAILED"})
+    assert done["state"] == "SUCCEEDED", done["failure_reason"]
+    planned = [e for e in api.get(f"/v1/jobs/{job['id']}/events").json() if e["kind"] == "plan"]
+    assert len(planned) == 1 and " on 2x2xcpu: fits with " in planned[0]["message"], planned
+    p = done["spec"]["parallel"]
+    assert done["spec"]["plan"]["auto"] == [] and p["dp"] * p["tp"] * p["pp"] * p["cp"] == 4 and p["tp"] <= 2
+    assert planned[0]["message"].startswith(f"planned dp{p['dp']}")
+    assert [m["step"] for m in api.get(f"/v1/jobs/{job['id']}/metrics").json()] == [1, 2, 3]
+    seen = api.get(f"/v1/jobs/{job['id']}/prediction").json()
+    assert seen["predicted"]["cluster"] == "2x2xcpu" and seen["predicted"]["tokens_per_s"] > 0
+    assert seen["measured"]["steps"] == 3 and seen["measured"]["tokens_per_s"] > 0
