@@ -1,4 +1,4 @@
-// fourfold dashboard: the jobs table at /, a job's live charts at /?job=ID.
+// fourfold dashboard: the jobs table at /, a job's live charts at /?job=ID, the planner at /?view=plan (plan.js).
 // A bearer token, when the server wants one, comes from ?token=... once: it is kept in localStorage and
 // taken out of the address bar at once, so no history entry, bookmark or copied link holds it. It goes
 // only into the Authorization header; the event stream opens with a one-time ticket instead.
@@ -14,9 +14,17 @@ if (params.has("token")) {
 }
 const token = localStorage.getItem("fourfold-token");
 
-async function api(path, method = "GET") {
-  const r = await fetch(path, { method, headers: token ? { Authorization: `Bearer ${token}` } : {} });
-  if (!r.ok) throw new Error(`${path}: ${r.status}`);
+// `body`, when given, goes as JSON. A refusal throws an Error whose `detail` is the server's reason (a 422's
+// "field: message"), when it gave one.
+async function api(path, method = "GET", body = undefined) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (!r.ok) {
+    const detail = await r.json().then((d) => d?.detail, () => undefined);
+    const text = detail === undefined ? undefined : typeof detail === "string" ? detail : JSON.stringify(detail);
+    throw Object.assign(new Error(`${path}: ${r.status}` + (text ? ` ${text}` : "")), { status: r.status, detail: text });
+  }
   return r.json();
 }
 
@@ -96,7 +104,19 @@ async function showJob(id) {
       body.append(tr);
     }
   };
+  // The planner's prediction for the job's layout next to what it measured: again as steps arrive, at most
+  // every 5 s.
+  let predictedAt = 0, predictionDue = null;
+  const refreshPrediction = () => {
+    if (predictionDue !== null) return;
+    predictionDue = setTimeout(() => {
+      predictionDue = null;
+      predictedAt = Date.now();
+      showPrediction(id).catch(() => {});
+    }, Math.max(0, predictedAt + 5000 - Date.now()));
+  };
   drawCharts(rows);
+  refreshPrediction();
   const job = await render();
   await showAttempts();
   if (job.finished) {  // ended (the server says which states are terminal): read it all once
@@ -120,10 +140,11 @@ async function showJob(id) {
       if (at < 0) rows.push(m); else if (rows[at].attempt <= m.attempt) rows[at] = m; else return;
       rows.sort((a, b) => a.step - b.step);
       drawCharts(rows);
+      refreshPrediction();
     });
     source.addEventListener("event", (ev) => { addEvent(JSON.parse(ev.data)); render(); showAttempts(); });
     source.addEventListener("log", (ev) => addLog(JSON.parse(ev.data)));
-    source.addEventListener("end", () => { source.close(); render(); showAttempts(); });
+    source.addEventListener("end", () => { source.close(); render(); showAttempts(); refreshPrediction(); });
     // The browser would retry a dropped stream with the same URL, which a used ticket no longer opens:
     // reconnect here with a new ticket instead, a few times, waiting longer each time.
     source.addEventListener("error", () => {
@@ -141,6 +162,8 @@ if (jobId !== null && !/^[0-9a-f]{32}$/.test(jobId)) {
   document.getElementById("job-title").textContent = `no job ${jobId}: a job id is 32 hex digits`;
 } else if (jobId) {
   showJob(jobId).catch((err) => { document.getElementById("job-title").textContent = String(err); });
+} else if (params.get("view") === "plan") {
+  showPlan();
 } else {
   showJobs().catch((err) => { document.querySelector("#jobs tbody").textContent = String(err); });
   setInterval(() => showJobs().catch(() => {}), 2000);

@@ -93,8 +93,8 @@ def _groups(
                 for sched, virtual in _schedules(pp, n_layers, schedules):
                     for rep in (r for r in _divisors(dp) if free("dp_replicate", r)):
                         for zero in zero_stages:
-                            if rep > 1 and zero == 0:
-                                continue
+                            if (rep > 1 and zero == 0) or (dp == 1 and zero > 0 and 0 in zero_stages):
+                                continue  # HSDP needs a ZeRO stage; over one dp rank every stage is ZeRO 0
                             for mb in _divisors(batch // dp):
                                 if micro_batches is not None and mb not in micro_batches:
                                     continue

@@ -73,8 +73,8 @@ def describe(cfg: Config) -> str:
 
 
 def size(n: float) -> str:
-    """Bytes for people: `1.23 GiB`, `45.6 MiB`, `789 KiB`."""
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    """Bytes for people: `1.5 TiB`, `1.23 GiB`, `45.6 MiB`, `789 KiB`."""
+    for unit, scale in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"

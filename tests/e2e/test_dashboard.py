@@ -3,6 +3,7 @@ draws the loss chart. The screenshot is kept under test-artifacts/. With tokens 
 the address bar, the stream opens with a ticket, markup from the server shows as text, and the
 security headers hold with no CSP violation."""
 
+import base64
 import os
 import shutil
 import socket
@@ -17,11 +18,14 @@ import httpx
 import pytest
 import uvicorn
 
+from api import state as app_state
 from api.app import create_app
 from service.settings import Settings
 from service.states import JobState
 from service.store import Store
-from tests.e2e.cdp import Chromium
+from service.supervisor import Supervisor
+from tests.e2e.cdp import Chromium, Page
+from tests.unit.test_supervisor import FakeGroup
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,3 +244,123 @@ def test_token_leaves_the_url_stream_uses_a_ticket_and_markup_stays_text(with_to
     problems = [e for e in console if "favicon.ico" not in e.get("url", "") and e["level"] in ("error", "warning")]
     assert not [e for e in console if e["source"] == "security" or "CSP" in e["text"]], console
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A service whose supervisor (never started, no Ray) sees one node of 4 CPUs, and whose store holds a
+    finished dp=2 job of the tiny model that measured 3 steps."""
+    tmp = tmp_path_factory.mktemp("dash-plan")
+    store = Store(f"sqlite:///{tmp / 'store.db'}")
+    spec = {"name": "planned", "model": {"preset": "tiny"}, "parallel": {"dp": 2}, "train": {"steps": 3}}
+    job, _ = store.create_job(spec, owner="local", name="planned")
+    for state in (JobState.STARTING, JobState.RUNNING):
+        store.transition(job.id, state, "test")
+    attempt = store.start_attempt(job.id)
+    rows = [{"step": s, "loss": 5.0, "tokens_per_s": 2000.0, "step_time_s": 0.25, "peak_mem_bytes": 300 * 2**20}
+            for s in (1, 2, 3)]  # fmt: skip
+    store.add_metrics(job.id, rows, attempt)
+    store.finish_attempt(job.id, attempt, "succeeded", "finished 3 steps")
+    store.transition(job.id, JobState.SUCCEEDED, "finished 3 steps")
+    app = create_app(Settings(data_dir=tmp), store=store)
+    url, server, thread = _serve(app)
+    nodes = {"node-a": {"CPU": 4.0, "memory": 16.0 * 2**30}}
+    state = app_state.of(app)
+    state.supervisor = Supervisor(state.store, group_factory=FakeGroup, resources=lambda: nodes, leftovers=lambda _: 0)
+    yield url, job.id
+    server.should_exit = True
+    thread.join(timeout=10)
+    store.close()
+
+
+def _screenshot(page: Page, name: str) -> None:
+    """The whole page as a PNG under test-artifacts/, for a person to look at."""
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = page.browser.send("Page.captureScreenshot", page.session, format="png", captureBeyondViewport=True)
+    (artifacts / name).write_bytes(base64.b64decode(shot["data"]))
+
+
+def test_plan_page_and_a_jobs_planner_block(planned: tuple[str, str], served: tuple[str, str]) -> None:
+    url, job_id = planned
+    fill = """(() => {
+        const f = document.getElementById('plan-form');
+        const values = %s;
+        for (const [k, v] of Object.entries(values)) f.elements[k].value = v;
+        f.requestSubmit();
+        return true;
+    })()"""
+    done = "['done', 'error'].includes(document.body.dataset.plan)"
+    with Chromium() as browser:
+        page = browser.page()
+        page.navigate(f"{url}/")
+        page.wait_for("document.querySelectorAll('#jobs tbody tr').length === 1")
+        page.evaluate("document.querySelector('header nav a[href=\"/?view=plan\"]').click()")
+        page.wait_for("location.search === '?view=plan' && !document.getElementById('plan-view').hidden")
+        assert page.evaluate("document.getElementById('jobs-view').hidden")
+        # 8b on 8 nodes of 8 H100s: the ranked table, the best three's reasons, the stacked memory bars.
+        page.evaluate(fill % '{preset: "8b", global_batch: "256", micro_batch: "", seq_len: "4096", cluster: '
+                             '"8x8xh100-80gb", top: "5"}')  # fmt: skip
+        assert page.wait_for(done) and page.evaluate("document.body.dataset.plan") == "done"
+        assert page.evaluate("document.querySelectorAll('#plan-table tbody tr').length") == 5
+        first = page.evaluate(
+            "[...document.querySelectorAll('#plan-table tbody tr:first-child td')].map(t => t.textContent)"
+        )
+        assert first[0] == "1" and first[1].startswith("dp") and "GiB (" in first[2] and first[7] == "yes"
+        assert "8x8xh100-80gb: 64 × H100 SXM 80GB" in page.evaluate(
+            "document.getElementById('plan-cluster').textContent"
+        )
+        assert page.evaluate("document.getElementById('plan-nofit').hidden")
+        assert page.evaluate("document.querySelectorAll('#plan-reasons > li').length") == 3
+        assert "best predicted throughput" in page.evaluate("document.getElementById('plan-reasons').textContent")
+        assert "fewest h100-80gb" in page.evaluate("document.getElementById('plan-min').textContent")
+        chart = "document.querySelector('#chart-plan-memory')"
+        assert page.wait_for(f"{chart}.querySelectorAll('.plot-container .barlayer .trace').length >= 4")
+        names = page.evaluate(f"{chart}.data.map(t => t.name)")
+        assert names[:4] == ["params", "grads", "optimizer", "activations"] and "total" not in names
+        assert page.evaluate(f"{chart}.layout.barmode") == "stack"
+        assert page.evaluate(f"{chart}.data.every(t => t.orientation === 'h' && t.y.length === 5)")
+        assert page.evaluate(f"{chart}.layout.shapes[0].x0") == pytest.approx(85520809984 * 0.9 / 2**30, rel=1e-6)
+        _screenshot(page, "dashboard-plan.png")
+        # 70b on one GPU: nothing fits, and the banner says so.
+        page.evaluate(fill % '{preset: "70b", cluster: "1x1xh100-80gb", top: "3"}')
+        page.wait_for("!document.getElementById('plan-nofit').hidden")
+        assert page.evaluate("document.querySelectorAll('#plan-table tbody tr.nofit').length") == 3
+        # A bad cluster: the 422's detail, as text; the live cluster (empty): the fake's 4 CPU slots.
+        page.evaluate("document.body.dataset.plan = ''")
+        page.evaluate(fill % '{preset: "tiny", cluster: "2x4x<b>gpu</b>"}')
+        page.wait_for(done)
+        error = page.evaluate("document.getElementById('plan-error').textContent")
+        assert error == "cluster 2x4x<b>gpu</b>: expected NODESxPER_NODExACCELERATOR, e.g. 8x8xh100-80gb"
+        assert page.evaluate("document.getElementById('plan-result').hidden")
+        assert page.evaluate("document.querySelectorAll('#plan-view b').length") == 0
+        page.evaluate("document.body.dataset.plan = ''")
+        page.evaluate(fill % '{preset: "tiny", global_batch: "8", seq_len: "64", cluster: "", top: "3"}')
+        page.wait_for(done)
+        assert page.evaluate("document.getElementById('plan-error').hidden")
+        assert "on 1x4xcpu" in page.evaluate("document.getElementById('plan-cluster').textContent")
+        assert "Ray: 1 node(s) of 4" in page.evaluate("document.getElementById('plan-notes').textContent")
+        # A job's page: the planner's prediction for its layout next to what it measured.
+        page.navigate(f"{url}/?job={job_id}")
+        page.wait_for("document.body.dataset.prediction === 'predicted'")
+        cells = page.evaluate(
+            "[...document.querySelectorAll('#planner tbody tr')].map(r => [...r.cells].map(c => c.textContent))"
+        )
+        assert [r[0] for r in cells] == ["peak memory per rank", "tokens/s", "step time"]
+        assert cells[0][2] == "300 MiB" and cells[1][2] == "2,000" and cells[2][2] == "250.0 ms"
+        assert all(r[1] != "-" and r[3].startswith("×") for r in cells), cells
+        assert page.evaluate("document.getElementById('planner-layout').textContent").startswith("dp2 tp1")
+        assert page.evaluate("document.getElementById('planner-note').hidden")
+        _screenshot(page, "dashboard-job-planner.png")
+        # Without a Ray cluster the block says why there is no prediction, and shows what was measured.
+        served_url, served_id = served
+        page.navigate(f"{served_url}/?job={served_id}")
+        page.wait_for("document.body.dataset.prediction === 'note'")
+        note = page.evaluate("document.getElementById('planner-note').textContent")
+        assert note == "No prediction: this API runs without a Ray cluster"
+        assert (
+            page.evaluate("document.querySelector('#planner tbody tr:nth-child(2)').textContent") == "tokens/s-1,003-"
+        )
+        console = page.log_entries()
+    problems = [e for e in console if "favicon.ico" not in e.get("url", "") and e["level"] in ("error", "warning")]
+    assert not [e for e in problems if "422" not in e["text"]], problems  # the 422 is the bad cluster's
