@@ -189,12 +189,22 @@ def table_peak_tflops(device_name: str, dtype: torch.dtype, tf32: bool | None = 
     return float(value), f"table: {acc.name} {key}"
 
 
-def measure_cpu_matmul_tflops(size: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
-    """Achieved TFLOP/s of repeated `size` x `size` matmuls on the CPU with the current thread setting.
+def measure_cpu_matmul_tflops(
+    size: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32, threads: int | None = None
+) -> float:
+    """Achieved TFLOP/s of repeated `size` x `size` matmuls on the CPU with the current thread setting, or
+    with `threads` intra-op threads (restored after): a rank's peak is at the rank's thread count.
 
     Warms up first (thread pool, caches, kernel selection), then runs matmuls for at least `seconds`
     and counts 2*size^3 FLOPs each. Meant to be called once at start-up as the CPU "peak" for MFU.
     """
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_cpu_matmul_tflops(size, seconds, dtype)
+        finally:
+            torch.set_num_threads(before)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if not seconds > 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from typing import Any
 
 from parallel.config import Config, ResourcesConfig
@@ -32,7 +33,7 @@ from parallel.planner import accelerator as lookup
 from parallel.planner.hardware import ALIASES
 from parallel.planner.memory import peak_memory
 from parallel.planner.search import kept_fields
-from parallel.planner.timing import DEFAULT_EFFICIENCY, DEFAULT_MARGIN, compute_dtype, describe, size
+from parallel.planner.timing import CPU_EFFICIENCY, DEFAULT_EFFICIENCY, DEFAULT_MARGIN, compute_dtype, describe, size
 from workers.placement import slots_of
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing")
@@ -54,24 +55,32 @@ class PlanInputError(ValueError):
 # -- the cluster -------------------------------------------------------------------------------------------------
 
 
+_MEASURING = threading.Lock()
+
+
 @functools.cache
-def _measured_tflops() -> float:
-    """This machine's matmul peak, measured once per process (half a second of matmuls)."""
+def _measured_tflops(threads: int) -> float:
+    """This machine's matmul peak at a rank's thread count, measured once per process and thread count
+    (half a second of matmuls; one at a time, as the thread setting is the process's)."""
     from parallel.flops import measure_cpu_matmul_tflops
 
-    return measure_cpu_matmul_tflops()
+    with _MEASURING:
+        return measure_cpu_matmul_tflops(threads=threads)
 
 
 def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def cpu_accelerator(ranks_per_node: int, tflops: float | None = None, node_memory: int | None = None) -> Accelerator:
-    """This machine's CPU as `cpu_measured` describes it (the matmul peak measured once unless `tflops`),
-    each rank holding its share of the node's memory (`node_memory`, default this machine's): a node's
-    ranks are processes sharing one memory, not devices with their own."""
+def cpu_accelerator(
+    ranks_per_node: int, tflops: float | None = None, node_memory: int | None = None, threads: int = 1
+) -> Accelerator:
+    """This machine's CPU as `cpu_measured` describes it (the matmul peak at `threads` threads, a rank's,
+    measured once unless `tflops`), each rank holding its share of the node's memory (`node_memory`,
+    default this machine's): a node's ranks are processes sharing one memory, not devices with their own."""
     share = (node_memory or physical_memory()) // max(1, ranks_per_node)
-    return cpu_measured(tflops=tflops or _measured_tflops(), memory_bytes=share, per_node=ranks_per_node)
+    peak = tflops or _measured_tflops(threads)
+    return cpu_measured(tflops=peak, memory_bytes=share, per_node=ranks_per_node, threads=threads)
 
 
 def parse_cluster(text: str, cpu_tflops: float | None = None, field: str = "cluster") -> Cluster:
@@ -133,7 +142,7 @@ def cluster_from_ray(
         notes.append(f"nodes differ; planned as {len(slots)} nodes of {per_node}, the smallest")
     if acc is None:
         memory = min(int(resources[node].get("memory", 0)) for node in slots) or None
-        acc = cpu_accelerator(per_node, cpu_tflops, memory)
+        acc = cpu_accelerator(per_node, cpu_tflops, memory, threads=max(1, int(res.cpus_per_rank)))
         peak = "as given" if cpu_tflops else "measured on this machine"
         notes.append(f"CPU peak {peak}; each rank's memory is its share of the node's ({size(acc.memory_bytes)})")
     return Cluster(len(slots), per_node, acc), notes
@@ -154,8 +163,8 @@ def node_size(c: Cluster) -> int:
 
 
 def default_efficiency(c: Cluster) -> float:
-    """1.0 on CPU (its peak is a measured matmul), DEFAULT_EFFICIENCY of the datasheet peak elsewhere."""
-    return 1.0 if c.accelerator.kind == "cpu" else DEFAULT_EFFICIENCY
+    """CPU_EFFICIENCY of a CPU's measured matmul peak, DEFAULT_EFFICIENCY of a datasheet peak elsewhere."""
+    return CPU_EFFICIENCY if c.accelerator.kind == "cpu" else DEFAULT_EFFICIENCY
 
 
 # -- the plan as one document ------------------------------------------------------------------------------------

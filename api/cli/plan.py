@@ -52,9 +52,7 @@ def plan(
     margin: Annotated[float, typer.Option(help="share of memory held back for fragmentation")] = 0.1,
     efficiency: Annotated[
         float | None,
-        typer.Option(
-            help="share of the dense peak the matmuls reach (default 0.55; 1.0 on CPU, whose peak is measured)"
-        ),
+        typer.Option(help="share of the dense peak the matmuls reach (default 0.55; 0.6 of the measured peak on CPU)"),
     ] = None,
     cpu_tflops: Annotated[
         float | None, typer.Option(help="a CPU's matmul TFLOP/s, instead of measuring this machine's")

@@ -43,7 +43,7 @@ class PlanRequest(BaseModel):
     margin: float = Field(DEFAULT_MARGIN, ge=0, lt=1)
     """Share of each device's memory held back."""
     efficiency: float | None = Field(None, gt=0, le=1)
-    """Share of the dense peak the matmuls reach (default 0.55; 1.0 on CPU, whose peak is measured)."""
+    """Share of the dense peak the matmuls reach (default 0.55; 0.6 of the measured peak on CPU)."""
 
 
 class PlanReport(BaseModel):

@@ -131,25 +131,35 @@ ACCELERATORS: dict[str, Accelerator] = {
 ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-80gb", "b200": "b200-180gb", "v5p": "tpu-v5p"}
 
 
+CPU_LATENCY_S = 1e-3
+"""Seconds per collective hop on CPU ranks: gloo over loopback plus torch's dispatch around it (DTensor's
+redistribution for tp). bench/planner_bench.py profiled tp=2 on this machine at about 3 ms per tp
+collective in all (its wait and the DTensor dispatch); 1 ms per hop is the stated middle."""
+
+
 def cpu_measured(
     tflops: float | None = None,
     memory_bytes: int | None = None,
     link_gbps: float = 1.0,
     per_node: int | None = None,
+    threads: int = 1,
+    latency_s: float = CPU_LATENCY_S,
 ) -> Accelerator:
     """This machine's CPU as an accelerator: `tflops` as measured (by default a matmul measured now with
-    `parallel.flops.measure_cpu_matmul_tflops`, the same number the trainer's MFU uses), its physical
-    memory, and gloo over loopback TCP for both links (`link_gbps`, a stated guess: measure and pass it)."""
+    `parallel.flops.measure_cpu_matmul_tflops` at `threads` threads, a rank's own: ranks run one thread
+    each unless resources.cpus_per_rank gives more; the trainer's MFU measures the same way), its
+    physical memory, and gloo over loopback TCP for both links (`link_gbps` and `latency_s`, stated
+    guesses: measure and pass them)."""
     if tflops is None:
         from parallel.flops import measure_cpu_matmul_tflops  # torch only when asked to measure
 
-        tflops = measure_cpu_matmul_tflops()
+        tflops = measure_cpu_matmul_tflops(threads=threads)
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Accelerator(
         "CPU (measured)", "cpu", int(memory_bytes), {"bf16": tflops, "fp16": tflops, "tf32": tflops, "fp32": tflops},
         hbm_gbps=10.0, intra_gbps=link_gbps, inter_gbps=link_gbps, per_node=per_node or (os.cpu_count() or 1),
-        runtime_bytes=512 * MiB, latency_s=(50e-6, 100e-6), source="measured on this machine",
+        runtime_bytes=512 * MiB, latency_s=(latency_s, latency_s), source="measured on this machine",
     )  # fmt: skip
 
 

@@ -20,6 +20,10 @@ from parallel.planner.shapes import block_tensors, flops_per_token, rank_stages,
 
 DEFAULT_EFFICIENCY = 0.55
 """Fraction of the dense peak the matmuls reach (kernel efficiency, not counting anything modelled here)."""
+CPU_EFFICIENCY = 0.6
+"""Share of the measured matmul peak a CPU rank's training step reaches: bench/planner_bench.py found the
+predictions 1.4-1.7x fast at 1.0 (the model's matmuls are smaller than the 1024 x 1024 probe, and norms,
+activations, RoPE, the loss and AdamW's elementwise work are no matmuls)."""
 DEFAULT_COMM_EFFICIENCY = 0.8
 """Fraction of the nominal link bandwidth a ring collective reaches (bus bandwidth over link rate)."""
 DEFAULT_MARGIN = 0.1
@@ -132,15 +136,17 @@ class Prediction:
 def _rates(cfg: Config, cluster: Cluster, efficiency: float) -> tuple[float, float, float]:
     """(peak TFLOP/s of the compute dtype, FLOP/s the matmuls reach, seconds-per-FLOP factor of attention).
 
-    Ring attention (cp > 1, cp_mode ring) computes its blocks in fp32 whatever the autocast dtype, so on an
+    The model FLOPs count the full score matrix; a causal kernel computes about half of it (SDPA's flash
+    and memory-efficient kernels skip the blocks above the diagonal), the attention factor 0.5. Ring
+    attention (cp > 1, cp_mode ring) computes its blocks in fp32 whatever the autocast dtype, so on an
     accelerator its FLOPs go at the fp32 peak; it skips the blocks the causal mask hides, (2cp+1)/(4cp) of
-    the full score matrix the model FLOPs count."""
+    the full matrix."""
     acc, p = cluster.accelerator, cfg.parallel
     key = compute_dtype(cfg, cluster) if acc.kind != "cpu" else "fp32"
     peak = acc.peak_tflops.get(key)
     if peak is None:
         raise ValueError(f"{acc.name} has no {key} peak in the table; give the accelerator one")
-    slow = 1.0
+    slow = 0.5  # SDPA's causal kernels skip the blocks above the diagonal: half the score matrix
     if p.cp > 1 and p.cp_mode == "ring":
         slow = (2 * p.cp + 1) / (4 * p.cp) * peak / (acc.peak_tflops.get("fp32") or peak)
     return peak, peak * 1e12 * efficiency, slow
@@ -194,8 +200,9 @@ def predict(
     Communication: per axis, the wire bytes of `collectives` over the link `axis_links` gives that axis,
     at `comm_efficiency`, plus a latency per ring hop; collectives that can hide (FSDP2's behind compute,
     ring attention's behind the attention computation) hide up to `overlap[axis]` of themselves, at most
-    as long as what hides them (default 1.0 for dp_shard, dp_replicate and cp; 0 for tp and pp, whose
-    DTensor and pipeline transfers block). Optimizer: AdamW reads and writes 32 bytes per owned element
+    as long as what hides them (default 1.0 for dp_shard, dp_replicate and cp on an accelerator, 0 on CPU,
+    where a rank's one thread runs its transfers as well; 0 for tp and pp, whose DTensor and pipeline
+    transfers block). Optimizer: AdamW reads and writes 32 bytes per owned element
     at memory bandwidth. Step = the slowest pp rank's sum plus the bubble. `peak`: what
     `planner.memory.peak_memory` answers, when the caller has it already."""
     acc = cluster.accelerator
@@ -203,7 +210,8 @@ def predict(
     tflops, rate, slow = _rates(cfg, cluster, efficiency)
     p = cfg.parallel
     links = axis_links(p, cluster)
-    hide = {"dp_shard": 1.0, "dp_replicate": 1.0, "cp": 1.0, "tp": 0.0, "pp": 0.0} | (overlap or {})
+    hides = 0.0 if acc.kind == "cpu" else 1.0  # a CPU rank's one thread runs its transfers too
+    hide = {"dp_shard": hides, "dp_replicate": hides, "cp": hides, "tp": 0.0, "pp": 0.0} | (overlap or {})
     micro = p.microbatches or cfg.grad_accum
     worst: tuple[float, dict[str, float], int] = (-1.0, {}, 0)
     bubble = 0.0

@@ -16,7 +16,8 @@ How each quantity is measured is in tests/dist/planner_probe.py; in short, in th
 - communication: the payload of every collective per mesh axis (scalars left out, as the planner
   leaves them out) against `comm_bytes(cfg, "fp32", pp_rank)`, within 5%.
 
-All layouts run on 4 ranks, one after another in one set of processes.
+The layouts run on 4 ranks, one after another in one set of processes, and one 4D layout (dp, tp, pp
+and cp all 2) on 16 ranks sharing the two cores.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from tests.dist.planner_probe import TOL, config_of, measure_layouts, predicted,
 pytestmark = pytest.mark.dist
 
 WORLD = 4
+FOUR_D = {
+    "dp2_tp2_pp2_cp2_zero1": ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.cp=2", "parallel.zero=1"]
+}
+"""Layouts on 16 ranks (every axis at once)."""
 LAYOUTS: dict[str, list[str]] = {
     "dp4_zero0": ["parallel.dp=4", "parallel.zero=0"],
     "dp4_zero1": ["parallel.dp=4", "parallel.zero=1"],
@@ -74,21 +79,28 @@ LAYOUTS: dict[str, list[str]] = {
         "parallel.activation_checkpointing=selective",
     ],  # fmt: skip
 }
+ALL = {**LAYOUTS, **FOUR_D}
+
+
+def _world(name: str) -> int:
+    return 16 if name in FOUR_D else WORLD
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    results = measure_layouts(WORLD, LAYOUTS, tmp_path_factory.mktemp("planner"))
-    print(table(WORLD, LAYOUTS, results))  # shown with a failure's captured output
+    results = {}
+    for world, layouts in ((WORLD, LAYOUTS), (16, FOUR_D)):
+        results.update(measure_layouts(world, layouts, tmp_path_factory.mktemp("planner")))
+        print(table(world, layouts, results))  # shown with a failure's captured output
     return results
 
 
 def _ranks(name: str, measured: dict[str, list[dict[str, Any]]]) -> list[tuple[int, dict, dict]]:
-    cfg = config_of(WORLD, LAYOUTS[name])
+    cfg = config_of(_world(name), ALL[name])
     return [(rank, m, predicted(cfg, m["pp_rank"])) for rank, m in enumerate(measured[name])]
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_state_bytes_match_the_sharded_tensors(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
     for rank, got, want in _ranks(name, measured):
         for kind in ("params", "grads", "optimizer"):
@@ -98,7 +110,7 @@ def test_state_bytes_match_the_sharded_tensors(name: str, measured: dict[str, li
             )
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_activation_bytes_per_micro_batch(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
     for rank, got, want in _ranks(name, measured):
         stages = {stage for stage, _ in got["per_mb"]}
@@ -117,7 +129,7 @@ def test_activation_bytes_per_micro_batch(name: str, measured: dict[str, list[di
 UNDER_PREDICTED = {"pp2_dp2_zbv_zero3": 0.5}
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_activation_bytes_at_the_peak(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
     for rank, got, want in _ranks(name, measured):
         if name in UNDER_PREDICTED:
@@ -130,7 +142,7 @@ def test_activation_bytes_at_the_peak(name: str, measured: dict[str, list[dict[s
         )
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(ALL))
 def test_comm_bytes_per_axis(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
     for rank, got, want in _ranks(name, measured):
         assert set(got["comm"]) - {"other"} <= set(want["comm"]) | {a for a, n in got["comm"].items() if not n}, (

@@ -11,6 +11,7 @@ import pytest
 from parallel.config import ConfigError, build_config
 from parallel.planner import ACCELERATORS, Cluster, search
 from parallel.planner.search import kept_fields
+from parallel.planner.timing import CPU_EFFICIENCY
 from parallel.train import preflight
 from service.planning import PlanInputError, at_submit, memory_refusal, resolve_auto, shaped
 from service.states import EventKind, JobState
@@ -85,7 +86,7 @@ def test_resolve_auto_picks_the_best_layout_that_fits_and_says_why() -> None:
     chosen, message = resolve_auto(cfg, CPU_NODE)
     assert chosen.parallel.world_size == 4 and not chosen.plan.auto and chosen.plan.ranks is None
     assert chosen.train.global_batch == 8  # the spec's batch, never another
-    best = search(cfg, Cluster(1, 4, chosen_accelerator(cfg)), efficiency=1.0, top=1)[0]
+    best = search(cfg, Cluster(1, 4, chosen_accelerator(cfg)), efficiency=CPU_EFFICIENCY, top=1)[0]
     assert chosen.parallel == best.config.parallel and chosen.train.micro_batch == best.config.train.micro_batch
     assert message.startswith(f"planned {best.prediction.layout} for [dp, tp, pp, cp, zero, dp_replicate, ")
     assert "on 1x4xcpu: fits with " in message and "best predicted throughput" in message
