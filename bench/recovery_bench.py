@@ -4,7 +4,9 @@ The same job on the same local Ray cluster, twice over: through fourfold's super
 through Ray Train's `TorchTrainer` with `FailureConfig(max_failures=2)` running the same engine
 in its workers. Both resume from the engine's newest complete checkpoint (every 2 steps). A
 killer thread SIGKILLs rank 1's process once rank 0 has reported step 5; recovery time is
-from the kill to the first step the new attempt reports. Needs `pip install 'ray[train]'`.
+from the kill to the first step the new attempt reports. For fourfold it also prints where the
+seconds went (`service.recovery.PHASES`, as the attempt records them, and `detect`: the kill until the
+supervisor saw the failure). Needs `pip install 'ray[train]'`.
 
     python bench/recovery_bench.py --repeats 3
 """
@@ -54,7 +56,7 @@ def job_spec(ckpt: Path, steps: int) -> dict:
     return build_config(spec).model_dump(mode="json", by_alias=True)
 
 
-def fourfold_once(tmp: Path, steps: int) -> float:
+def fourfold_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
     from service.states import TERMINAL
     from service.store import Store
     from service.supervisor import Supervisor
@@ -72,7 +74,9 @@ def fourfold_once(tmp: Path, steps: int) -> float:
         _until(lambda: store.get_job(job.id).state in TERMINAL, "the end of the job")
         assert store.get_job(job.id).state == "SUCCEEDED", store.get_job(job.id).failure_reason
         resumed = min(m.time.timestamp() for m in store.metrics(job.id) if m.attempt == 2)
-        return resumed - killed
+        split = store.attempts(job.id)[1].recovery_phases or {}
+        total = resumed - killed
+        return total, {"detect": round(total - sum(split.values()), 3), **split}
     finally:
         sup.stop()
         store.close()
@@ -101,7 +105,7 @@ def _ray_train_loop(config: dict) -> None:
     trainer.close()
 
 
-def ray_train_once(tmp: Path, steps: int) -> float:
+def ray_train_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -133,7 +137,7 @@ def ray_train_once(tmp: Path, steps: int) -> float:
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     if not killed or rows[-1]["step"] != steps:
         raise RuntimeError(f"recovery_bench: Ray Train's run ended at step {rows[-1]['step']}, killed={bool(killed)}")
-    return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0]
+    return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0], {}
 
 
 def main() -> int:
@@ -143,16 +147,22 @@ def main() -> int:
     args = parser.parse_args()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results: dict[str, list[float]] = {"fourfold supervisor": [], "Ray Train TorchTrainer": []}
+    splits: list[dict[str, float]] = []
     for i in range(args.repeats):
         for name, once in (("fourfold supervisor", fourfold_once), ("Ray Train TorchTrainer", ray_train_once)):
             tmp = Path(tempfile.mkdtemp(prefix=f"fourfold-recovery-{i}-"))
-            seconds = once(tmp, args.steps)
+            seconds, split = once(tmp, args.steps)
             results[name].append(seconds)
-            print(f"  run {i + 1}: {name:<24} recovered in {seconds:6.2f} s", flush=True)
+            splits += [split] if split else []
+            where = f"  ({', '.join(f'{k} {v:.2f}' for k, v in split.items())})" if split else ""
+            print(f"  run {i + 1}: {name:<24} recovered in {seconds:6.2f} s{where}", flush=True)
     print(f"recovery_bench: tiny model, dp=2 on a local Ray cluster (4 logical CPUs on {os.cpu_count()} cores), "
           f"SIGKILL of rank 1 after step {KILL_AT}, checkpoint every 2 steps, {args.repeats} runs each")  # fmt: skip
     for name, values in results.items():
         print(f"{name:<24} median {statistics.median(values):6.2f} s  (runs: {', '.join(f'{v:.2f}' for v in values)})")
+    if splits:
+        medians = {k: statistics.median(s.get(k, 0.0) for s in splits) for k in splits[0]}
+        print("fourfold, median seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     ray.shutdown()
     return 0
 

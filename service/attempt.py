@@ -15,7 +15,7 @@ or a test's fake) and the two cluster functions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from parallel.config import Config
@@ -63,6 +63,7 @@ class Attempt:
     grow_to: int | None = None  # RESIZING: the dp it restarts at
     recover_from: float | None = None  # monotonic time a failure was detected, until training resumes
     cause: str = ""  # of that failure
+    marks: dict[str, float] = field(default_factory=dict)  # a recovery's moments so far (service.recovery.MARKS)
     last_step: int = 0
 
 

@@ -24,8 +24,9 @@ class Change:
     """Finish every attempt of the job that has no outcome yet (left by a service that died)."""
     end_attempt: tuple[int, AttemptOutcome, str | None] | None = None
     """(number, outcome, reason) of the attempt that ended."""
-    recovery: tuple[int, float] | None = None
-    """(attempt number, seconds): how long that attempt took to resume training after a failure."""
+    recovery: tuple[int, float, dict[str, float] | None] | None = None
+    """(attempt number, seconds, seconds per phase): how long that attempt took to resume training after a
+    failure, and where the time went (`service.recovery.PHASES`)."""
     events: tuple[tuple[EventKind, str], ...] = ()
     """Events other than state changes, (kind, message) each."""
     states: tuple[tuple[JobState, str], ...] = ()

@@ -36,6 +36,12 @@ class ServiceMetrics:
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.recovery_phase = Histogram(
+            "fourfold_recovery_phase_seconds",
+            "Seconds of a recovery per phase (service.recovery.PHASES: teardown, backoff, reservation, actors, "
+            "imports, rendezvous, state, first_step)",
+            ["phase"], buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r,
+        )  # fmt: skip
         self.last_recovery = Gauge(
             "fourfold_job_last_recovery_seconds", "The job's latest recovery time (failure -> training)", ["job"],
             registry=r,
@@ -63,9 +69,11 @@ class ServiceMetrics:
         self.step_time.labels(job=job_id).set(m["step_time_s"])
         self.step.labels(job=job_id).set(m["step"])
 
-    def observe_recovery(self, job_id: str, seconds: float) -> None:
+    def observe_recovery(self, job_id: str, seconds: float, phases: dict[str, float] | None = None) -> None:
         self.recovery.observe(seconds)
         self.last_recovery.labels(job=job_id).set(seconds)
+        for phase, s in (phases or {}).items():
+            self.recovery_phase.labels(phase=phase).observe(s)
 
     def forget(self, job_id: str) -> None:
         """A job ended: drop its per-job series so /metrics does not grow without bound."""

@@ -106,6 +106,7 @@ class Attempt(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))  # succeeded | failed | cancelled | stopped | interrupted
     reason: Mapped[str | None] = mapped_column(Text)
     recovery_s: Mapped[float | None] = mapped_column(Float)  # failure detected -> this attempt's first step
+    recovery_phases: Mapped[dict[str, float] | None] = mapped_column(JSON)  # where those seconds went
 
 
 class Event(Base):

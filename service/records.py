@@ -56,6 +56,9 @@ class AttemptRecord(_Record):
     outcome: str | None = None
     reason: str | None = None
     recovery_s: float | None = None
+    """Seconds from the failure's detection to this attempt's first step (an attempt after a failure)."""
+    recovery_phases: dict[str, float] | None = None
+    """Where those seconds went, in order: `service.recovery.PHASES`."""
 
 
 class EventRecord(_Record):

@@ -48,3 +48,36 @@ def resume_spec(cfg: Config) -> dict[str, Any]:
     if cfg.checkpoint.dir:
         spec["checkpoint"]["resume"] = "auto"
     return spec
+
+
+PHASES = ("teardown", "backoff", "reservation", "actors", "imports", "rendezvous", "state", "first_step")
+"""Where a recovery's seconds go, in order, each from the end of the one before:
+teardown (failure detected -> the old attempt's actors and placement group gone), backoff (-> the restart
+begins: restart.backoff_s, room on the cluster, Ray's verdict on a lost node), reservation (-> the new
+placement group ready), actors (-> one actor per rank started, the rendezvous opened), imports (-> every
+rank has imported torch and the engine), rendezvous (-> every rank joined the process groups), state (->
+every rank built its model and loaded the checkpoint), first_step (-> the first step's metrics reached
+the supervisor)."""
+MARKS = ("detected", "torn_down", "restart", "reserved", "launched", "imported", "rendezvous", "state", "first_step")
+"""The moments (wall-clock seconds) between the phases: the supervisor's, and the ranks' latest."""
+
+
+def phases_of(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase from the moments in `MARKS` (a missing moment counts as the one before it;
+    a moment earlier than the one before, from another node's clock, counts as that one)."""
+    out, last = {}, marks["detected"]
+    for phase, mark in zip(PHASES, MARKS[1:], strict=True):
+        at = max(last, marks.get(mark, last))
+        out[phase] = round(at - last, 3)
+        last = at
+    return out
+
+
+def rank_marks(marks: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The ranks' moments (`workers.worker.RankRunner` reports imported, rendezvous and state per rank)
+    as the job's: each the latest over the ranks, when the last rank got there."""
+    out: dict[str, float] = {}
+    for per_rank in marks.values():
+        for name, at in per_rank.items():
+            out[name] = max(out.get(name, at), at)
+    return out

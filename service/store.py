@@ -202,8 +202,9 @@ class Store:
                 attempt = self._locked_attempt(session, job_id, number)
                 attempt.finished_at, attempt.outcome, attempt.reason = now, AttemptOutcome(outcome).value, reason
             if change.recovery is not None:
-                number, seconds = change.recovery
-                self._locked_attempt(session, job_id, number).recovery_s = float(seconds)
+                number, seconds, phases = change.recovery
+                attempt = self._locked_attempt(session, job_id, number)
+                attempt.recovery_s, attempt.recovery_phases = float(seconds), phases
             for kind, message in change.events:
                 session.add(Event(job_id=job_id, time=now, kind=EventKind(kind).value, message=message))
             if change.spec is not None:

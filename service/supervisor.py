@@ -41,7 +41,7 @@ from service.attempt import TRAINING_REASON, Attempt, ClusterResources, End, Gro
 from service.changes import Change
 from service.metrics import ServiceMetrics
 from service.planning import PlanInputError, resolve_auto
-from service.recovery import backoff_s, fit, resume_spec
+from service.recovery import backoff_s, fit, phases_of, rank_marks, resume_spec
 from service.resources import Resources, free_of, give_back
 from service.scheduler import admit
 from service.states import AttemptOutcome, AttemptPhase, EventKind, InvalidTransition, JobState, check_phase
@@ -68,6 +68,7 @@ class Pending:
     waiting_logged: bool = False
     suspects: tuple[str, ...] = ()  # nodes whose ranks stopped answering: not planned on until Ray's verdict
     verdict_logged: bool = False
+    marks: dict[str, float] | None = None  # the recovery's moments so far (wall clock): detected, torn_down
 
 
 class Supervisor:
@@ -190,7 +191,7 @@ class Supervisor:
             att.group.request_stop(at_checkpoint=True)
             self.store.append_logs(job_id, [f"room for dp={grow_to}: stopping at the next checkpoint to grow back"])
         status = att.group.poll()
-        self._store_metrics(job_id, att, status.metrics, job)
+        self._store_metrics(job_id, att, status.metrics, job, status.marks)
         trains = bool(status.metrics or status.training)
         if trains and job is not None and job.state == JobState.STARTING:
             self.store.transition(job_id, JobState.RUNNING, TRAINING_REASON)
@@ -221,11 +222,13 @@ class Supervisor:
             self._finish(job_id, att, end)
             return
         if phase is AttemptPhase.STARTING:
+            att.marks["reserved"] = time.time()
             try:
                 group.launch(att.spec, job.storage if job is not None else None)
             except Exception as err:  # an actor that never started, a bundle on the wrong node
                 self._finish(job_id, att, End(AttemptOutcome.FAILED, f"could not start the ranks: {err}"))
                 return
+            att.marks["launched"] = time.time()
             self.store.append_logs(job_id, [f"attempt {att.number}: {group.cfg.parallel.world_size} ranks started"])
             self._enter(job_id, att, phase)
 
@@ -246,7 +249,10 @@ class Supervisor:
             return None
         return fitted[0].parallel.dp
 
-    def _store_metrics(self, job_id: str, att: Attempt, metrics: list[dict[str, Any]], job: Any = None) -> None:
+    def _store_metrics(
+        self, job_id: str, att: Attempt, metrics: list[dict[str, Any]], job: Any = None,
+        ranks: dict[int, dict[str, float]] | None = None,
+    ) -> None:  # fmt: skip
         if not metrics:
             return
         self.store.add_metrics(job_id, metrics, att.number)
@@ -256,18 +262,25 @@ class Supervisor:
         if att.recover_from is not None:
             seconds = time.monotonic() - att.recover_from
             att.recover_from = None
-            self.metrics.observe_recovery(job_id, seconds)
+            split = None
+            if "detected" in att.marks:  # where the seconds went
+                split = phases_of({**att.marks, **rank_marks(ranks or {}), "first_step": time.time()})
+            self.metrics.observe_recovery(job_id, seconds, split)
             message = f"training resumed {seconds:.1f} s after the failure was detected ({att.cause})"
-            self.store.apply(job_id, Change(recovery=(att.number, seconds), events=((EventKind.RECOVERY, message),)))
+            if split:
+                message += ": " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in split.items())
+            change = Change(recovery=(att.number, seconds, split), events=((EventKind.RECOVERY, message),))
+            self.store.apply(job_id, change)
 
     def _finish(self, job_id: str, att: Attempt, end: End) -> None:
         """Carry out an attempt's end: tear it down, then one store change, then what comes next
         (a restart scheduled, or the job done)."""
         self.running.pop(job_id, None)
         att.phase = AttemptPhase.FINISHED
+        detected = time.time()
         self._teardown(job_id, att)
         if end.outcome is AttemptOutcome.FAILED:
-            self._failed(job_id, att, end)
+            self._failed(job_id, att, end, {"detected": detected, "torn_down": time.time()})
             return
         if end.outcome is AttemptOutcome.STOPPED:  # resized: restart at once at the larger dp
             reason = f"room for dp={att.grow_to} again: checkpointed at step {att.last_step}, growing back"
@@ -285,7 +298,7 @@ class Supervisor:
         self.store.apply(job_id, change)
         self.metrics.forget(job_id)
 
-    def _failed(self, job_id: str, att: Attempt, end: End) -> None:
+    def _failed(self, job_id: str, att: Attempt, end: End, marks: dict[str, float] | None = None) -> None:
         """Restart after a backoff, or end FAILED past max_failures (at once for a permanent cause)."""
         cause = end.reason
         failures, restart = att.failures + 1, att.group.cfg.restart
@@ -307,7 +320,7 @@ class Supervisor:
             return
         self.metrics.restarts.labels(job=job_id).inc()
         now = time.monotonic()
-        self.restarting[job_id] = Pending(now + delay, failures, cause, now, suspects=end.suspects)
+        self.restarting[job_id] = Pending(now + delay, failures, cause, now, suspects=end.suspects, marks=marks)
 
     def _teardown(self, job_id: str, att: Attempt) -> None:
         """Remove the attempt's actors and placement group (waiting until Ray has), and record
@@ -343,8 +356,11 @@ class Supervisor:
             self._backfill_metrics(job_id, cfg.checkpoint.dir, job.attempts)
             self.restarting.pop(job_id)
             reason = f"restarting from the newest checkpoint{phases.elastic_note(run_cfg.parallel.dp, cfg.parallel.dp)}"
+            begun = time.time()
             att = self._start_attempt(job_id, reason, run_cfg, plan, resume_spec(run_cfg), pending.failures)
             att.recover_from, att.cause = pending.detected, pending.cause
+            if pending.marks is not None:
+                att.marks = {**pending.marks, "restart": begun}
 
     def _awaits_verdict(self, job_id: str, pending: Pending) -> bool:
         """Whether the restart waits for Ray to declare a node dead whose ranks stopped answering:

@@ -67,6 +67,7 @@ class Status:
     # Nodes of ranks that stopped answering (their raylet is gone, or the node itself): Ray may
     # still list such a node alive for a while, so a restart should not plan on it yet.
     unreachable_nodes: tuple[str, ...] = ()
+    marks: dict[int, dict[str, float]] = field(default_factory=dict)  # each rank's start-up moments
 
 
 class WorkerGroup:
@@ -86,6 +87,7 @@ class WorkerGroup:
         self.health = Health(cfg.parallel.world_size, time.monotonic())
         self.errors: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
+        self.marks: dict[int, dict[str, float]] = {}  # each rank's start-up moments (wall clock)
 
     def make_plan(self) -> Plan:
         return make_plan(self.cfg.parallel, cluster_nodes(self.cfg), unit=unit_of(self.cfg.resources))
@@ -195,6 +197,8 @@ class WorkerGroup:
                 metrics.append(event["metrics"])
             elif event["kind"] == "error":
                 self.errors.append(event)
+            elif event["kind"] == "marks":
+                self.marks[event["rank"]] = event["marks"]
             else:
                 self.heartbeats[event["rank"]] = event
                 self.health.record(event["rank"], event["step"], event["phase"], now)
@@ -230,7 +234,7 @@ class WorkerGroup:
         return self._status("stopped" if any(r["stopped"] for r in self.results) else "succeeded", metrics)
 
     def _status(self, state: str, metrics: list[dict[str, Any]], error: str | None = None) -> Status:
-        return Status(state, metrics, dict(self.heartbeats), error, self.health.training)
+        return Status(state, metrics, dict(self.heartbeats), error, self.health.training, marks=dict(self.marks))
 
     def _cause(self, died: list[int], raised: list[tuple[int, Exception]]) -> str:
         """Why the job failed, naming the ranks and nodes: a dead process first, else the earliest error."""

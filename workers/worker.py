@@ -7,6 +7,11 @@ the driver hands in (a Ray queue there, a list in a test):
     {"kind": "metrics", "rank": 0, "metrics": {...}}      rank 0, after every step
     {"kind": "heartbeat", "rank": r, "step": s, "phase": "forward-backward", "time": t}
     {"kind": "error", "rank": r, "error": "RuntimeError: ...", "time": t}        a rank that raised
+    {"kind": "marks", "rank": r, "marks": {"imported": t, "rendezvous": t, "state": t}}   once, before training
+
+The marks are wall-clock moments of the rank's start-up (torch and the engine imported, the process
+groups joined, the model built and the checkpoint loaded), from which the service tells where a
+recovery's seconds went (`service.recovery.PHASES`).
 
 Heartbeats come from a thread of the rank's own, every few seconds and at every change
 of state, so a rank that is busy (a long step, loading a checkpoint) still beats, and one
@@ -128,6 +133,8 @@ class RankRunner:
         from parallel.trainer import Trainer
         from workers.confine import Grant, recheck
 
+        marks = {"imported": time.time()}
+
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         hang_timeout_s = float(spec.get("restart", {}).get("hang_timeout_s", 300))
         beats = threading.Thread(target=self._beat_every, args=(min(2.0, hang_timeout_s / 5),), daemon=True)
@@ -142,7 +149,10 @@ class RankRunner:
                 wait = timedelta(seconds=cfg.parallel.timeout_s)
                 self._store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=wait)
             init_distributed(cfg.parallel.timeout_s, store=self._store)
+            marks["rendezvous"] = time.time()
             trainer = self.trainer = Trainer(cfg)
+            marks["state"] = time.time()
+            self.report({"kind": "marks", "rank": self.rank, "marks": marks})
             self.step = trainer.step
             control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
             stall, hold = _stall_hook(self.rank), _hold_hook()

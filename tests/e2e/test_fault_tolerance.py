@@ -171,6 +171,11 @@ def test_killed_worker_restarts_from_checkpoint(api, uninterrupted, tmp_path: Pa
     recovery = store.attempts(job)[1].recovery_s  # stored with the attempt that recovered, shown on the job page
     assert recovery is not None and 0 < recovery < 120
     assert client.get(f"/v1/jobs/{job}/attempts").json()[1]["recovery_s"] == recovery
+    split = client.get(f"/v1/jobs/{job}/attempts").json()[1]["recovery_phases"]  # where the seconds went
+    assert list(split) == ["teardown", "backoff", "reservation", "actors", "imports", "rendezvous", "state",
+                           "first_step"] and all(s >= 0 for s in split.values())  # fmt: skip
+    assert split["imports"] > 0 and split["state"] > 0 and sum(split.values()) == pytest.approx(recovery, abs=0.5)
+    assert 'fourfold_recovery_phase_seconds_count{phase="imports"} 1.0' in client.get("/metrics").text
 
 
 def test_stalled_rank_is_detected_and_the_job_restarts(api, tmp_path: Path, monkeypatch) -> None:

@@ -1,5 +1,7 @@
 """Restart policy: backoff, elastic dp, the resume spec."""
 
+import pytest
+
 from parallel.config import RestartConfig, build_config
 from service.recovery import backoff_s, fit, resume_spec
 
@@ -39,3 +41,20 @@ def test_resume_spec_resumes_from_the_newest_checkpoint_when_there_is_a_dir() ->
     with_dir = build_config({"checkpoint": {"dir": "/tmp/x"}})
     assert resume_spec(with_dir)["checkpoint"]["resume"] == "auto"
     assert resume_spec(build_config({}))["checkpoint"]["resume"] is None
+
+
+def test_phases_of_a_recovery_follow_the_moments_in_order() -> None:
+    from service.recovery import PHASES, phases_of, rank_marks
+
+    ranks = rank_marks({0: {"imported": 14.0, "rendezvous": 14.5, "state": 16.0},
+                        1: {"imported": 14.2, "rendezvous": 14.4, "state": 15.0}})  # fmt: skip
+    assert ranks == {"imported": 14.2, "rendezvous": 14.5, "state": 16.0}  # the last rank to get there
+    marks = {"detected": 10.0, "torn_down": 10.5, "restart": 10.5, "reserved": 11.0, "launched": 12.0,
+             **ranks, "first_step": 17.0}  # fmt: skip
+    split = phases_of(marks)
+    assert list(split) == list(PHASES) and sum(split.values()) == pytest.approx(7.0)
+    assert split == {"teardown": 0.5, "backoff": 0.0, "reservation": 0.5, "actors": 1.0, "imports": 2.2,
+                     "rendezvous": 0.3, "state": 1.5, "first_step": 1.0}  # fmt: skip
+    # a moment missing (no rank reported) or earlier than the one before (another node's clock) adds nothing
+    skewed = phases_of({**marks, "imported": 11.5, "rendezvous": 14.5} | {"state": 0.0})
+    assert skewed["imports"] == 0.0 and skewed["state"] == 0.0 and sum(skewed.values()) == pytest.approx(7.0)

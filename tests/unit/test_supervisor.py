@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from parallel.config import build_config
+from service.recovery import PHASES
 from service.states import JobState
 from service.store import Store
 from service.supervisor import Supervisor
@@ -152,12 +153,25 @@ def test_a_failure_backs_off_restarts_and_records_the_recovery(store: Store) -> 
     sup.tick()
     assert store.get_job(job).state == JobState.STARTING
     second = FakeGroup.made[1]
-    _run(sup, second, 2, 3)
+    sup.tick()  # launch
+    now = time.time()  # the ranks say when they imported, joined the groups and loaded their state
+    ranks = {0: {"imported": now + 0.1, "rendezvous": now + 0.2, "state": now + 0.4},
+             1: {"imported": now + 0.15, "rendezvous": now + 0.2, "state": now + 0.3}}  # fmt: skip
+    second.status = Status("running", [_metric(2), _metric(3)], training=True, marks=ranks)
+    time.sleep(0.5)
+    sup.tick()
     assert _states(store, job)[-4:] == ["RUNNING", "RESTARTING", "STARTING", "RUNNING"]
     attempts = store.attempts(job)
     assert [a.outcome for a in attempts] == ["failed", None]
     assert attempts[1].recovery_s is not None and 1.0 <= attempts[1].recovery_s < 10
-    assert any(e.kind == "recovery" and "training resumed" in e.message for e in store.events(job))
+    split = attempts[1].recovery_phases
+    assert split is not None and list(split) == list(PHASES)
+    assert split["backoff"] >= 0.95  # restart.backoff_s
+    assert split["imports"] >= 0.1 and split["rendezvous"] == pytest.approx(0.05, abs=0.002)
+    assert split["state"] == pytest.approx(0.2, abs=0.002) and split["first_step"] >= 0.05
+    assert sum(split.values()) == pytest.approx(attempts[1].recovery_s, abs=0.05)  # the whole recovery
+    message = next(e.message for e in store.events(job) if e.kind == "recovery")
+    assert message.startswith("training resumed ") and ": teardown " in message and ", state 0.20 s, " in message
     assert second.spec["checkpoint"]["resume"] is None  # no checkpoint.dir: nothing to resume from
 
 
