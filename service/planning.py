@@ -284,7 +284,10 @@ def resolve_auto(
         raise PlanInputError("plan.ranks", ranks, f"the cluster has {slots} slots for this job's ranks in all")
     target = shaped(cluster, ranks)
     eff = default_efficiency(target)
-    found = search(cfg, target, efficiency=eff, top=3, fixed=kept_fields(cfg))
+    try:
+        found = search(cfg, target, efficiency=eff, top=3, fixed=kept_fields(cfg))
+    except ValueError as err:  # an accelerator without a peak for the spec's dtype
+        raise PlanInputError("plan.accelerator", target.accelerator.name, str(err)) from None
     best = next((c for c in found if c.prediction.fits and c.reaches_target), None)
     auto = ", ".join(cfg.plan.auto)
     if best is None:
@@ -344,7 +347,10 @@ def predicted_run(cfg: Config, total: dict[str, dict[str, float]], accelerator: 
 
     cluster, notes, _ = live_cluster(cfg, total, accelerator)
     target = shaped(cluster, min(cfg.parallel.world_size, cluster.world))
-    out = predict(cfg, target, default_efficiency(target)).as_dict()
+    try:
+        out = predict(cfg, target, default_efficiency(target)).as_dict()
+    except ValueError as err:  # an accelerator without a peak for the spec's dtype
+        raise PlanInputError("plan.accelerator", target.accelerator.name, str(err)) from None
     out["notes"] = [*notes, *out["notes"]]
     out["cluster"] = cluster_text(target)
     return out

@@ -453,6 +453,12 @@ class Supervisor:
                 states = ((JobState.STARTING, "planning the layout"), (JobState.FAILED, f"planner: {err}"))
                 self._apply_queued(job.id, Change(states=states))
                 continue
+            except Exception as err:  # a planner bug must not stall the queue behind this job
+                log.exception("planning job %s failed", job.id)
+                why = f"planner: internal error ({type(err).__name__}: {err}); the service log has the details"
+                self._apply_queued(job.id, Change(states=((JobState.STARTING, "planning the layout"),
+                                                          (JobState.FAILED, why))))  # fmt: skip
+                continue
             spec = cfg.model_dump(mode="json", by_alias=True)
             self._apply_queued(job.id, Change(spec=spec, events=((EventKind.PLAN, message),), logs=(message,)))
             out.append(job.model_copy(update={"spec": spec}))

@@ -198,3 +198,17 @@ def test_an_auto_job_that_no_layout_fits_fails_saying_why(store: Store) -> None:
     assert job is not None and job.state == JobState.FAILED
     assert job.failure_reason is not None and job.failure_reason.startswith("planner: plan.auto [dp, ")
     assert "no layout of 4 ranks on 1x4xcpu fits" in job.failure_reason and not FakeGroup.made
+
+
+def test_an_accelerator_without_a_peak_for_the_dtype_is_an_input_error_not_a_crash() -> None:
+    from service.planning import predicted_run
+
+    tpu = {"host": {"CPU": 8.0, "GPU": 4.0}}  # a GPU-like resource count; the spec names the chip
+    cfg = _cfg(parallel="auto", resources={"accelerator": "gpu"}, plan={"accelerator": "tpu-v5p"},
+               train={**TINY["train"], "dtype": "float32"})  # fmt: skip
+    with pytest.raises(PlanInputError, match=r"^plan\.accelerator TPU v5p: TPU v5p has no fp32 peak"):
+        resolve_auto(cfg, tpu)
+    fixed = _cfg(resources={"accelerator": "gpu"}, plan={"accelerator": "tpu-v5p"},
+                 train={**TINY["train"], "dtype": "float32"})  # fmt: skip
+    with pytest.raises(PlanInputError, match=r"^plan\.accelerator TPU v5p: TPU v5p has no fp32 peak"):
+        predicted_run(fixed, tpu)
