@@ -52,6 +52,11 @@ class RankRunner:
         self.trainer: Any = None
         self._at_checkpoint = False
         self._store: Any = None  # rank 0's rendezvous store, from open_rendezvous()
+        # Import torch and the engine at once, in the background: a new rank process (a restart's
+        # included) spends seconds on these imports, which then overlap with the driver's launch
+        # (the other actors starting, the rendezvous opening) instead of following it. run() and
+        # open_rendezvous() import the same modules; Python's import lock makes them wait for it.
+        threading.Thread(target=_warm_imports, name="fourfold-imports", daemon=True).start()
 
     def where(self) -> dict[str, Any]:
         """This rank's node (Ray node id when under Ray), host address, process id, and the GPU ids
@@ -203,6 +208,15 @@ class RankRunner:
         self.phase = "done"
         self._send_beat()
         return {"rank": self.rank, "step": self.step, "stopped": stopped}
+
+
+def _warm_imports() -> None:
+    try:
+        import torch.distributed  # noqa: F401
+
+        import parallel.trainer  # noqa: F401
+    except Exception:  # run() imports them again and reports what fails there
+        pass
 
 
 def _stall_hook(rank: int) -> int | None:
