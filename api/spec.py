@@ -15,7 +15,8 @@ import yaml
 from fastapi import HTTPException, Request, status
 
 from api.errors import unprocessable
-from parallel.config import ConfigError, build_config, read_yaml
+from parallel.config import ConfigError, build_config
+from parallel.spec_files import read_yaml
 from service.planning import PlanInputError, at_submit
 from service.quota import world_size
 from service.settings import Settings

@@ -53,7 +53,8 @@ LAYOUTS: dict[str, list[str]] = {  # name -> overrides; W is the world size
 
 def config_of(args: argparse.Namespace, overrides: list[str]) -> Any:
     """The checked Config of one layout: the bench's model and batch plus the layout's overrides."""
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
 
     base = {
         "model": {"preset": args.preset, "n_layers": args.layers},

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from parallel.config import Config, ConfigError, load_config
+from parallel.config import Config, ConfigError
+from parallel.spec_files import load_config
 
 if TYPE_CHECKING:
     from parallel.data import TokenSource

@@ -4,7 +4,7 @@ A run reads top to bottom in `Trainer.__init__`: build the model on the meta dev
 parallelize it (parallel/parallelize.py states the order of construction), the optimizer, the
 data, resume from a checkpoint; then `run` loops over the steps.
 
-    python -c "from parallel.trainer import Trainer; from parallel.config import load_config; \
+    python -c "from parallel.trainer import Trainer; from parallel.spec_files import load_config; \
 Trainer(load_config(None)).run()"
 """
 

@@ -61,7 +61,8 @@ def connect() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from parallel.config import ConfigError, load_config
+    from parallel.config import ConfigError
+    from parallel.spec_files import load_config
     from parallel.train import preflight
 
     try:

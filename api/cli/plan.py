@@ -59,7 +59,8 @@ def plan(
     ] = None,
 ) -> None:
     """Rank the layouts the engine accepts for a job on a cluster: memory, step time, tokens/s, MFU."""
-    from parallel.config import ConfigError, load_config
+    from parallel.config import ConfigError
+    from parallel.spec_files import load_config
 
     if top < 1:
         raise fail(f"--top {top}: give a whole number of at least 1")

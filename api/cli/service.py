@@ -91,7 +91,7 @@ def submit(file: Path, priority: Annotated[int | None, typer.Option(help="higher
     """Submit a job spec (YAML); prints the job id."""
     import yaml
 
-    from parallel.config import read_yaml
+    from parallel.spec_files import read_yaml
 
     if not file.is_file():
         raise fail(f"{file}: no such file")

@@ -118,7 +118,8 @@ def _run_one(rank: int, world: int, overrides: list[str], out: str, extra: str |
 
     import torch.distributed as dist
 
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
     from parallel.trainer import Trainer
 
     cfg = build_config(apply_overrides(copy.deepcopy(BASE), overrides), world_size=world)

@@ -479,7 +479,8 @@ class Probe:
 
 
 def config_of(world: int, overrides: list[str]) -> Any:
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
 
     return build_config(apply_overrides(copy.deepcopy(BASE), [*overrides, f"train.steps={STEPS}"]), world_size=world)
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.dist
 def _save_then_resume(rank: int, world: int, root: str) -> tuple[list[float], list[float]]:
     """Train 4 steps saving every 2 under `root`, then resume a new run from step 2 (one process:
     a memory:// filesystem lives in this process)."""
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
     from parallel.trainer import Trainer
 
     sets = ["train.steps=4", f"checkpoint.dir={root}", "checkpoint.every=2"]
@@ -110,7 +111,8 @@ def test_retention_rules(steps: list[int], keep_last: int, keep_every: int | Non
 def _rng_round_trip(rank: int, world: int, root: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Give each rank its own generator state, save it, scramble it, resume at the same grid:
     the state saved and the state the resumed trainer left behind."""
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
     from parallel.trainer import Trainer
 
     sets = ["train.steps=2", f"checkpoint.dir={root}", f"parallel.dp={world}"]
@@ -124,7 +126,8 @@ def _rng_round_trip(rank: int, world: int, root: str) -> tuple[torch.Tensor, tor
 
 
 def _rng_after_resume(rank: int, world: int, path: str) -> torch.Tensor:
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
     from parallel.trainer import Trainer
 
     Trainer(build_config(apply_overrides(copy.deepcopy(BASE), [f"checkpoint.resume={path}"])))

@@ -16,7 +16,8 @@ TIMEOUT_S = 3.0
 
 def _stall(rank: int, world: int, overrides: list[str], stalled_rank: int) -> str:
     from parallel.comms import CommTimeout
-    from parallel.config import apply_overrides, build_config
+    from parallel.config import build_config
+    from parallel.spec_files import apply_overrides
     from parallel.trainer import Trainer
 
     cfg = build_config(apply_overrides(copy.deepcopy(BASE), overrides), world_size=world)

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from api.cli import app
 from api.cli.plan import cluster_from_ray, parse_cluster
-from parallel.config import ResourcesConfig, load_config
+from parallel.config import ResourcesConfig
 from parallel.planner import ACCELERATORS, Cluster, search
+from parallel.spec_files import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "examples" / "tiny.yaml")

@@ -1,6 +1,7 @@
 import pytest
 
-from parallel.config import PRESETS, Config, ConfigError, build_config, load_config
+from parallel.config import PRESETS, Config, ConfigError, build_config
+from parallel.spec_files import load_config
 
 
 def test_defaults_are_valid_single_process() -> None:

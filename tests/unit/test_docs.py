@@ -63,7 +63,7 @@ def test_accelerator_table_matches_flops() -> None:
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_spec_is_valid(example: Path) -> None:
-    from parallel.config import load_config
+    from parallel.spec_files import load_config
 
     cfg = load_config(example)
     assert cfg.name

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from parallel.config import ModelConfig, load_config
+from parallel.config import ModelConfig
 from parallel.flops import param_count
+from parallel.spec_files import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
