@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.dist.planner_probe import TOL, config_of, measure_layouts, predicted, table, within
+from tests.dist.planner_runs import TOL, config_of, measure_layouts, predicted, table, within
 
 pytestmark = pytest.mark.dist
 
