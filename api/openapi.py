@@ -27,7 +27,8 @@ from pydantic import Field
 from pydantic.json_schema import models_json_schema
 
 from api.errors import AUTH_ONLY
-from parallel.config import AUTO, AUTO_FIELDS, Config
+from parallel.auto import AUTO, AUTO_FIELDS
+from parallel.config import Config
 
 COMPONENTS = "#/components/schemas/{model}"
 JOB_SPEC_FIELD = "x-fourfold-job-spec"
@@ -59,7 +60,7 @@ def _about(prop: dict[str, Any]) -> dict[str, Any]:
 
 def with_auto(defs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The components with `auto` as a value of each layout field the planner may choose
-    (`parallel.config.AUTO_FIELDS`) and of `parallel` itself: the config's validator takes it before the
+    (`parallel.auto.AUTO_FIELDS`) and of `parallel` itself: the config's validator takes it before the
     fields' types see it, so the models' own schemas cannot say so."""
     auto = {"const": AUTO, "description": "chosen by the layout planner when the job is admitted"}
     models = {"parallel": "ParallelConfig", "train": "TrainConfig"}

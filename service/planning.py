@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from parallel.config import Config, ResourcesConfig
+from parallel.config import Config, ConfigError, ResourcesConfig, build_config
 from parallel.planner import (
     ACCELERATORS,
     Accelerator,
@@ -34,7 +36,13 @@ from parallel.planner.hardware import ALIASES
 from parallel.planner.memory import peak_memory
 from parallel.planner.search import kept_fields
 from parallel.planner.timing import CPU_EFFICIENCY, DEFAULT_EFFICIENCY, DEFAULT_MARGIN, compute_dtype, describe, size
+from service.changes import Change
+from service.states import EventKind, JobState
 from workers.placement import slots_of
+
+log = logging.getLogger(__name__)
+
+PLANNING = "planning the layout"
 
 LAYOUT_FIELDS = ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing")
 
@@ -353,4 +361,33 @@ def predicted_run(cfg: Config, total: dict[str, dict[str, float]], accelerator: 
         raise PlanInputError("plan.accelerator", target.accelerator.name, str(err)) from None
     out["notes"] = [*notes, *out["notes"]]
     out["cluster"] = cluster_text(target)
+    return out
+
+
+def plan_queue(
+    queued: list[Any], total: dict[str, dict[str, float]], apply: Callable[[str, Change], None],
+    accelerator: str | None = None, max_ranks: int | None = None,
+) -> list[Any]:  # fmt: skip
+    """The supervisor's queue (job records: id, spec) with each spec's auto layout fields chosen on the live
+    cluster: `apply` stores the resolved spec and a `plan` event saying why; a job no layout fits fails,
+    saying why, and leaves the queue. An unforeseen planner error fails that job too, rather than stalling
+    the queue behind it."""
+    out = []
+    for job in queued:
+        if not (job.spec.get("plan") or {}).get("auto"):
+            out.append(job)
+            continue
+        try:
+            cfg, message = resolve_auto(build_config(job.spec), total, accelerator, max_ranks)
+        except (PlanInputError, ConfigError) as err:
+            apply(job.id, Change(states=((JobState.STARTING, PLANNING), (JobState.FAILED, f"planner: {err}"))))
+            continue
+        except Exception as err:
+            log.exception("planning job %s failed", job.id)
+            why = f"planner: internal error ({type(err).__name__}: {err}); the service log has the details"
+            apply(job.id, Change(states=((JobState.STARTING, PLANNING), (JobState.FAILED, why))))
+            continue
+        spec = cfg.model_dump(mode="json", by_alias=True)
+        apply(job.id, Change(spec=spec, events=((EventKind.PLAN, message),), logs=(message,)))
+        out.append(job.model_copy(update={"spec": spec}))
     return out

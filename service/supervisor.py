@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from parallel.checkpoint import list_checkpoints
-from parallel.config import Config, ConfigError, build_config
+from parallel.config import Config, build_config
 from service import attempt as phases
 from service.attempt import TRAINING_REASON, Attempt, ClusterResources, End, GroupFactory, RemoveLeftovers, Seen
 from service.changes import Change
 from service.metrics import ServiceMetrics
-from service.planning import PlanInputError, resolve_auto
+from service.planning import plan_queue
 from service.recovery import backoff_s, fit, phases_of, rank_marks, resume_spec
 from service.resources import Resources, free_of, give_back
 from service.scheduler import admit
@@ -421,7 +421,8 @@ class Supervisor:
         if not queued:
             return
         free, total = self.free_resources()
-        queued = self._plan_auto(queued, total)
+        if total:  # each spec's auto layout fields chosen on the live cluster (or the job failed, saying why)
+            queued = plan_queue(queued, total, self._apply_queued, self.accelerator, self.max_ranks)
         for d in admit(queued, free, total):
             job = next(j for j in queued if j.id == d.job_id)
             try:
@@ -436,33 +437,6 @@ class Supervisor:
                 self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
             except InvalidTransition:  # cancelled since the queue was read: its change wrote nothing; skip it
                 log.info("job %s left the queue while it was being admitted", job.id)
-
-    def _plan_auto(self, queued: list[JobRecord], total: Resources) -> list[JobRecord]:
-        """The queue with each spec's auto layout fields chosen by the planner on the live cluster (the
-        spec stored with them, and a `plan` event saying why); a job no layout fits fails, saying why."""
-        if not total:
-            return queued
-        out = []
-        for job in queued:
-            if not (job.spec.get("plan") or {}).get("auto"):
-                out.append(job)
-                continue
-            try:
-                cfg, message = resolve_auto(build_config(job.spec), total, self.accelerator, self.max_ranks)
-            except (PlanInputError, ConfigError) as err:
-                states = ((JobState.STARTING, "planning the layout"), (JobState.FAILED, f"planner: {err}"))
-                self._apply_queued(job.id, Change(states=states))
-                continue
-            except Exception as err:  # a planner bug must not stall the queue behind this job
-                log.exception("planning job %s failed", job.id)
-                why = f"planner: internal error ({type(err).__name__}: {err}); the service log has the details"
-                self._apply_queued(job.id, Change(states=((JobState.STARTING, "planning the layout"),
-                                                          (JobState.FAILED, why))))  # fmt: skip
-                continue
-            spec = cfg.model_dump(mode="json", by_alias=True)
-            self._apply_queued(job.id, Change(spec=spec, events=((EventKind.PLAN, message),), logs=(message,)))
-            out.append(job.model_copy(update={"spec": spec}))
-        return out
 
     def _apply_queued(self, job_id: str, change: Change) -> None:
         try:
