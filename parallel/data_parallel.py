@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +144,7 @@ class ShardedAdamW:
         self.grad_shard = torch.zeros(self.flat.shard_size, device=self.device) if two else None
         self._reduce = self._reduce_scatter if two else self._all_reduce
         self._owned_grads = self._shard_grads if two else self._param_grads
+        self.mutating = False  # inside the update: this rank's state is half old, half new
 
     # -- gradients -----------------------------------------------------------------
     def after_backward(self, last_microbatch: bool) -> None:
@@ -227,9 +228,11 @@ class ShardedAdamW:
                     s.view.grad.mul_(coef)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        self.mutating = True
         self.opt.step()
         if self.flat.n_shards > 1:
             self._gather_params()
+        self.mutating = False
         return norm.item()
 
     @torch.no_grad()
@@ -278,6 +281,16 @@ class ShardedAdamW:
                 key: _local(st[key]).reshape(-1)[s.in_param].clone() for key in STATE_KEYS
             }
 
+    def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(this rank's parameter tensors, its AdamW states), local pieces in a fixed order: what a
+        replica of this rank holds the same of (`parallel.peer`)."""
+        states = [self.opt.state[s.view][k] for s in self.slots if s.view in self.opt.state for k in STATE_KEYS]
+        return [_local(p) for p in self.params], states
+
+    def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
+        """Inverse of local_tensors (copied in; states only when there are any)."""
+        _load_local(self.opt, self.params, [s.view for s in self.slots], params, states, step, lambda _, t: t.clone())
+
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
@@ -307,6 +320,7 @@ class FSDPAdamW:
         self.params, self.cp_group, self.norm_groups = params, cp_group, norm_groups
         decay, no_decay = [p for p in params if _decays(p)], [p for p in params if not _decays(p)]
         self.opt = _adamw(decay, no_decay, train)
+        self.mutating = False
 
     def after_backward(self, last_microbatch: bool) -> None:
         """FSDP2 has already reduce-scattered each micro-batch's gradients over dp in its
@@ -338,7 +352,9 @@ class FSDPAdamW:
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm, foreach=True)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        self.mutating = True
         self.opt.step()
+        self.mutating = False
         return norm.item()
 
     def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -347,6 +363,14 @@ class FSDPAdamW:
     def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
         for p in self.params:
             self.opt.state[p] = {"step": torch.tensor(float(step))} | {k: states[id(p)][k] for k in STATE_KEYS}
+
+    def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the local shards of the parameters, of their AdamW states), as ShardedAdamW's."""
+        states = [_local(self.opt.state[p][k]) for p in self.params if p in self.opt.state for k in STATE_KEYS]
+        return [_local(p) for p in self.params], states
+
+    def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
+        _load_local(self.opt, self.params, self.params, params, states, step, _state_like)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -357,6 +381,27 @@ class FSDPAdamW:
 
     def grad_tensors(self) -> list[torch.Tensor]:
         return [_local(p.grad) for p in self.params if p.grad is not None]
+
+
+def _state_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """An AdamW state laid out like `param` (a DTensor shard under FSDP2) holding `local`."""
+    state = torch.zeros_like(param)
+    _local(state).copy_(local)
+    return state
+
+
+@torch.no_grad()
+def _load_local(
+    opt: AdamW, params: list[nn.Parameter], owners: list[torch.Tensor], values: list[torch.Tensor],
+    states: list[torch.Tensor], step: int, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:  # fmt: skip
+    """Copy `values` into the parameters' local tensors and give each optimizer-owned tensor (in
+    `owners`' order) its AdamW states from `states` (exp_avg, exp_avg_sq each), made by `make`."""
+    for p, t in zip(params, values, strict=True):
+        _local(p).copy_(t)
+    pairs = iter(states)
+    for owner in owners if states else []:
+        opt.state[owner] = {"step": torch.tensor(float(step))} | {k: make(owner, next(pairs)) for k in STATE_KEYS}
 
 
 DataParallelOptimizer = ShardedAdamW | FSDPAdamW

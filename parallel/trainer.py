@@ -59,9 +59,10 @@ class Trainer:
         cfg: Config,
         metrics_file: str | Path | None = None,
         source: TokenSource | None = None,
-        resume: str | None = None,
+        resume: str | bool | None = None,
     ) -> None:
-        """resume: a checkpoint path, `auto`, or None to follow cfg.checkpoint.resume."""
+        """resume: a checkpoint path, `auto`, None to follow cfg.checkpoint.resume, or False for none
+        (the state comes from elsewhere: `parallel.peer`)."""
         self.cfg, p = cfg, cfg.parallel
         self.device = init_distributed(p.timeout_s)
         self.rank = dist.get_rank()
@@ -97,9 +98,9 @@ class Trainer:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
             self._metrics_out = open(metrics_file, "a")  # noqa: SIM115 (closed in close())
 
-    def _resume(self, resume: str | None) -> Checkpointer | None:
+    def _resume(self, resume: str | bool | None) -> Checkpointer | None:
         """The checkpointer, when checkpoints are written or read; loads the one to resume from."""
-        path, meta = resolve_resume(self.cfg, resume)
+        path, meta = (None, None) if resume is False else resolve_resume(self.cfg, resume or None)
         if not (self.cfg.checkpoint.dir or path):
             return None
         checkpointer = Checkpointer(self.cfg, self.parts, self.optimizer, self.rank)
@@ -151,17 +152,20 @@ class Trainer:
         ]
         self.phase = "forward-backward"
         total = self._forward_backward(batches)
-        self.step += 1
-        lr = lr_at(self.step, self.cfg.train)
-        self.phase = "optimizer"
-        grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
         self.phase = "loss"
         # Each rank's loss is the mean over its tokens; every (dp, cp) rank holds as many
         # tokens, so the global mean is their average. Only last-stage ranks hold a loss.
+        # Reduced before the update, so the update is the step's last work that touches a peer
+        # (but ZeRO 1-2's gather of the updated shards): `clean_step`.
         with watch("dp/cp/pp", "all-reduce of the loss"):
             for group in self.layout.groups("pp", "cp", "dp_replicate", "dp_shard"):
                 dist.all_reduce(total, group=group)
         loss_value = total.item() / (p.dp * p.cp)
+        step = self.step + 1
+        lr = lr_at(step, self.cfg.train)
+        self.phase = "optimizer"
+        grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
+        self.step = step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t0
@@ -179,6 +183,13 @@ class Trainer:
             "step_time_s": step_time,
             "peak_mem_bytes": peak_memory_bytes(self.device),
         }
+
+    @property
+    def clean_step(self) -> int | None:
+        """The step this rank's parameters and optimizer states are exactly at, or None in the middle
+        of an update (a step that failed there leaves them half old, half new). A rank whose step
+        failed anywhere else is still clean at the step before: `parallel.peer` recovers from it."""
+        return None if self.optimizer.mutating else self.step
 
     def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Train to cfg.train.steps; rank 0 writes and prints metrics. Returns them all."""

@@ -1,0 +1,188 @@
+"""Recovery from a live replica: who holds a copy of whose state, and handing it over.
+
+When one rank of a job dies, its data-parallel replicas still hold everything it held: the same
+parameter shards, the same AdamW states, the same data position. The surviving ranks keep theirs in
+memory (`capture`, once their step has failed), a new process takes the dead rank's place, every rank
+joins a fresh process group, and each rank that lacks the newest state gets it from a replica over
+that group (`exchange`). Training goes on from the step the survivors were at: the interrupted
+step is redone, nothing before it.
+
+    plan = plan_recovery(cfg.parallel, {0: 12, 2: 12, 3: 11})   # survivors' clean steps; rank 1 lost
+    plan.path, plan.step, plan.transfers                          # "peer", 12, [(0, 1), (2, 3)]
+    # on every rank, in the new process group, after building a fresh Trainer(cfg, resume=False):
+    exchange(trainer, plan, kept)                                  # kept: capture(old trainer) or None
+
+Which ranks are replicas: those at the same pipeline stage and tensor-parallel shard whose optimizer
+holds the same share. Under ZeRO 0 every data-parallel and context-parallel rank holds all of it;
+under ZeRO 1-3 the dp_shard ranks each hold a different 1/N, so only ranks at the same dp_shard
+coordinate (across dp_replicate and cp) are replicas. Where some rank's share has no replica at the
+newest step (ZeRO 1-3 over every dp rank, dp = 1, a half-applied update), `plan_recovery` says
+so and the job resumes from its newest checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from parallel.config import ParallelConfig
+from parallel.mesh import AXES
+
+
+@dataclass
+class Kept:
+    """One rank's state, held in memory across a failure (tensors by reference, no copy)."""
+
+    step: int
+    data: dict[str, int]
+    rng: torch.Tensor
+    params: list[torch.Tensor]
+    states: list[torch.Tensor]
+
+    def meta(self) -> dict[str, Any]:
+        shapes = [(tuple(t.shape), str(t.dtype)) for t in self.params + self.states]
+        return {"step": self.step, "data": self.data, "n_params": len(self.params), "shapes": shapes}
+
+
+@dataclass
+class RecoveryPlan:
+    path: Literal["peer", "checkpoint"]
+    step: int | None  # the step training goes on from (peer path)
+    transfers: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) ranks
+    reason: str = ""  # why this path, in a sentence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "step": self.step, "transfers": self.transfers, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoveryPlan:
+        return cls(d["path"], d["step"], [tuple(t) for t in d["transfers"]], d.get("reason", ""))
+
+
+def coords(rank: int, p: ParallelConfig) -> dict[str, int]:
+    """The rank's place on each mesh axis (pp, dp_replicate, dp_shard, cp, tp; tp fastest)."""
+    shape = (p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
+    out, rest = {}, rank
+    for axis, n in zip(reversed(AXES), reversed(shape), strict=True):
+        out[axis] = rest % n
+        rest //= n
+    return out
+
+
+def replica_key(rank: int, p: ParallelConfig) -> tuple[int, ...]:
+    """Ranks with the same key hold the same state (see the module docstring)."""
+    c = coords(rank, p)
+    return (c["pp"], c["tp"]) + ((c["dp_shard"],) if p.zero >= 1 else ())
+
+
+def plan_recovery(p: ParallelConfig, clean: dict[int, int | None]) -> RecoveryPlan:
+    """How a job whose surviving ranks report `clean` ({rank: the step its state is at, or None when
+    its update was cut short}) gets every rank's state back; ranks missing from `clean` are new."""
+    world = math.prod((p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp))
+    steps = [s for s in clean.values() if s is not None]
+    if not steps:
+        return RecoveryPlan("checkpoint", None, reason="no surviving rank holds a whole step's state")
+    step = max(steps)
+    transfers = []
+    for rank in range(world):
+        if clean.get(rank) == step:
+            continue
+        sources = [r for r in sorted(clean) if clean[r] == step and replica_key(r, p) == replica_key(rank, p)]
+        if not sources:
+            why = "was lost" if rank not in clean else f"is at {_at(clean[rank])}"
+            share = "" if p.zero == 0 else f"; ZeRO {p.zero} gives each dp_shard rank its own share"
+            return RecoveryPlan(
+                "checkpoint", None,
+                reason=f"rank {rank}'s state {why} and no surviving replica holds step {step}{share}",
+            )  # fmt: skip
+        # spread the sending over the replicas that can
+        transfers.append((sources[len(transfers) % len(sources)], rank))
+    lost = sorted(set(range(world)) - set(clean))
+    return RecoveryPlan(
+        "peer", step, transfers,
+        reason=f"rank(s) {', '.join(map(str, lost)) or 'none'} restored from live replicas at step {step}",
+    )  # fmt: skip
+
+
+def _at(step: int | None) -> str:
+    return "a half-applied update" if step is None else f"step {step}"
+
+
+def capture(trainer: Any) -> Kept | None:
+    """What a rank whose step failed keeps: its state at `trainer.clean_step`, or None if its update
+    was cut short (then a replica's is needed)."""
+    if trainer is None or trainer.clean_step is None:
+        return None
+    params, states = trainer.optimizer.local_tensors()
+    return Kept(trainer.step, trainer.data.state_dict(), torch.get_rng_state(), params, states)
+
+
+def restore(trainer: Any, kept: Kept) -> None:
+    """Put a kept (or received) state into a freshly built trainer of the same layout."""
+    params, _ = trainer.optimizer.local_tensors()
+    mine = [(tuple(t.shape), str(t.dtype)) for t in params]
+    theirs = kept.meta()["shapes"][: len(kept.params)]
+    if mine != theirs:
+        raise RuntimeError(f"peer state does not fit this rank: parameter shapes {theirs[:3]}... vs {mine[:3]}...")
+    trainer.optimizer.load_local(kept.params, kept.states, kept.step)
+    trainer.step = kept.step
+    trainer.data.load_state_dict(kept.data)
+    torch.set_rng_state(kept.rng)
+
+
+def send(kept: Kept, dst: int) -> None:
+    """Hand `kept` to rank `dst` over the default process group: a small header, then the tensors
+    packed into one buffer per dtype (one message each instead of one per tensor)."""
+    header = [{**kept.meta(), "rng": kept.rng}]
+    dist.send_object_list(header, dst=dst)
+    for buffer in _pack(kept.params + kept.states).values():
+        dist.send(buffer, dst=dst)
+
+
+def receive(src: int, device: torch.device) -> Kept:
+    header: list[Any] = [None]
+    dist.recv_object_list(header, src=src)
+    meta = header[0]
+    shapes = [(torch.Size(s), getattr(torch, d.removeprefix("torch."))) for s, d in meta["shapes"]]
+    tensors: list[torch.Tensor | None] = [None] * len(shapes)
+    for dtype in dict.fromkeys(d for _, d in shapes):
+        idx = [i for i, (_, d) in enumerate(shapes) if d == dtype]
+        buffer = torch.empty(sum(math.prod(shapes[i][0]) for i in idx), dtype=dtype, device=device)
+        dist.recv(buffer, src=src)
+        at = 0
+        for i in idx:
+            n = math.prod(shapes[i][0])
+            tensors[i] = buffer[at : at + n].view(shapes[i][0])
+            at += n
+    n_params = meta["n_params"]
+    full = [t for t in tensors if t is not None]
+    return Kept(meta["step"], meta["data"], meta["rng"], full[:n_params], full[n_params:])
+
+
+def _pack(tensors: list[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.dtype, []).append(t.detach().reshape(-1))
+    return {d: torch.cat(ts) for d, ts in out.items()}
+
+
+def exchange(trainer: Any, plan: RecoveryPlan, kept: Kept | None) -> None:
+    """Every rank of the new process group calls this with the same plan, after building a fresh
+    trainer: ranks at the plan's step restore their own state, the others receive one; the transfers
+    run in the plan's order on every rank, so no two ranks wait on each other."""
+    rank = dist.get_rank()
+    receives = any(dst == rank for _, dst in plan.transfers)
+    if not receives:
+        if kept is None or kept.step != plan.step:
+            raise RuntimeError(f"rank {rank}: the recovery plan expects it at step {plan.step} and gives it no source")
+        restore(trainer, kept)
+    for src, dst in plan.transfers:
+        if rank == src:
+            assert kept is not None
+            send(kept, dst)
+        elif rank == dst:
+            restore(trainer, receive(src, trainer.device))
