@@ -1,12 +1,14 @@
-"""Recovery benchmark: a worker process SIGKILLed mid-run, time until training resumes.
+"""Recovery benchmark: a worker process SIGKILLed mid-run, time until training resumes, steps redone.
 
-The same job on the same local Ray cluster, twice over: through fourfold's supervisor, and
-through Ray Train's `TorchTrainer` with `FailureConfig(max_failures=2)` running the same engine
-in its workers. Both resume from the engine's newest complete checkpoint (every 2 steps). A
-killer thread SIGKILLs rank 1's process once rank 0 has reported step 5; recovery time is
-from the kill to the first step the new attempt reports. For fourfold it also prints where the
-seconds went (`service.recovery.PHASES`, as the attempt records them, and `detect`: the kill until the
-supervisor saw the failure). Needs `pip install 'ray[train]'`.
+The same job on the same local Ray cluster, four ways, interleaved: through fourfold's supervisor
+restarting the whole job (`restart.in_place: false`), recovering in place from the live replica
+(the default), the same with one warm spare (`restart.spares: 1`), and through Ray Train's
+`TorchTrainer` with `FailureConfig(max_failures=2)` running the same engine in its workers (which
+resumes from the engine's newest complete checkpoint, every 2 steps, as the full restart does).
+Rank 1's process is SIGKILLed once rank 0 has reported step 5; recovery time is from the kill to
+the first step after it. Steps redone: steps trained before the kill and again after it. For
+fourfold it also prints where the seconds went (`service.recovery.PHASES`, as the attempt records
+them, and `detect`: the kill until the supervisor saw the failure). Needs `pip install 'ray[train]'`.
 
     python bench/recovery_bench.py --repeats 3
 """
@@ -43,7 +45,7 @@ def _until(check, what: str, timeout_s: float = DEADLINE_S) -> None:  # noqa: AN
         time.sleep(0.05)
 
 
-def job_spec(ckpt: Path, steps: int) -> dict:
+def job_spec(ckpt: Path, steps: int, in_place: bool = False, spares: int = 0) -> dict:
     spec = {
         "name": "recovery",
         "model": {"preset": "tiny"},
@@ -51,12 +53,12 @@ def job_spec(ckpt: Path, steps: int) -> dict:
         "train": {"steps": steps, "global_batch": 4, "micro_batch": 2, "seq_len": 32},
         "metrics": {"peak_tflops": 1.0},
         "checkpoint": {"dir": str(ckpt), "every": 2},
-        "restart": {"max_failures": 2, "backoff_s": 0},
+        "restart": {"max_failures": 2, "backoff_s": 0, "in_place": in_place, "spares": spares},
     }
     return build_config(spec).model_dump(mode="json", by_alias=True)
 
 
-def fourfold_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
+def fourfold_once(tmp: Path, steps: int, in_place: bool = False, spares: int = 0) -> tuple[float, int, dict]:
     from service.states import TERMINAL
     from service.store import Store
     from service.supervisor import Supervisor
@@ -64,7 +66,7 @@ def fourfold_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
     store = Store(f"sqlite:///{tmp / 'store.db'}")
     sup = Supervisor(store, poll_s=0.1)
     sup.start()
-    job, _ = store.create_job(job_spec(tmp / "ckpt", steps), owner="bench", name="recovery")
+    job, _ = store.create_job(job_spec(tmp / "ckpt", steps, in_place, spares), owner="bench", name="recovery")
     try:
         _until(lambda: any(m.step >= KILL_AT for m in store.metrics(job.id)), f"step {KILL_AT}")
         victim = ray.get_actor(f"fourfold:{job.id}:1", namespace="fourfold")
@@ -73,10 +75,15 @@ def fourfold_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
         os.kill(pid, signal.SIGKILL)
         _until(lambda: store.get_job(job.id).state in TERMINAL, "the end of the job")
         assert store.get_job(job.id).state == "SUCCEEDED", store.get_job(job.id).failure_reason
-        resumed = min(m.time.timestamp() for m in store.metrics(job.id) if m.attempt == 2)
+        after = [m for m in store.metrics(job.id) if m.attempt == 2]
+        resumed = min(m.time.timestamp() for m in after)
+        lines = [x.line for x in store.logs(job.id)]
+        before = lines[: next(i for i, x in enumerate(lines) if x.startswith("failure:"))]
+        trained = max(int(x.split()[1].split("/")[0]) for x in before if x.startswith("step "))
+        redone = max(0, trained - min(m.step for m in after) + 1)
         split = store.attempts(job.id)[1].recovery_phases or {}
         total = resumed - killed
-        return total, {"detect": round(total - sum(split.values()), 3), **split}
+        return total, redone, {"detect": round(total - sum(split.values()), 3), **split}
     finally:
         sup.stop()
         store.close()
@@ -105,7 +112,7 @@ def _ray_train_loop(config: dict) -> None:
     trainer.close()
 
 
-def ray_train_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
+def ray_train_once(tmp: Path, steps: int) -> tuple[float, int, dict]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,7 +144,9 @@ def ray_train_once(tmp: Path, steps: int) -> tuple[float, dict[str, float]]:
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     if not killed or rows[-1]["step"] != steps:
         raise RuntimeError(f"recovery_bench: Ray Train's run ended at step {rows[-1]['step']}, killed={bool(killed)}")
-    return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0], {}
+    trained = max(r["step"] for r in rows if r["time"] <= killed[0])
+    first = min(r["step"] for r in rows if r["time"] > killed[0])
+    return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0], max(0, trained - first + 1), {}
 
 
 def main() -> int:
@@ -146,23 +155,36 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    results: dict[str, list[float]] = {"fourfold supervisor": [], "Ray Train TorchTrainer": []}
-    splits: list[dict[str, float]] = []
+    ways = {
+        "fourfold, full restart": lambda tmp: fourfold_once(tmp, args.steps),
+        "fourfold, in place": lambda tmp: fourfold_once(tmp, args.steps, in_place=True),
+        "fourfold, in place+spare": lambda tmp: fourfold_once(tmp, args.steps, in_place=True, spares=1),
+        "Ray Train TorchTrainer": lambda tmp: ray_train_once(tmp, args.steps),
+    }
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in ways}
+    splits: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     for i in range(args.repeats):
-        for name, once in (("fourfold supervisor", fourfold_once), ("Ray Train TorchTrainer", ray_train_once)):
+        for name, once in ways.items():
             tmp = Path(tempfile.mkdtemp(prefix=f"fourfold-recovery-{i}-"))
-            seconds, split = once(tmp, args.steps)
-            results[name].append(seconds)
-            splits += [split] if split else []
+            seconds, redone, split = once(tmp)
+            results[name].append((seconds, redone))
+            splits[name] += [split] if split else []
             where = f"  ({', '.join(f'{k} {v:.2f}' for k, v in split.items())})" if split else ""
-            print(f"  run {i + 1}: {name:<24} recovered in {seconds:6.2f} s{where}", flush=True)
+            line = f"  run {i + 1}: {name:<26} recovered in {seconds:6.2f} s, {redone} step(s) redone{where}"
+            print(line, flush=True)
     print(f"recovery_bench: tiny model, dp=2 on a local Ray cluster (4 logical CPUs on {os.cpu_count()} cores), "
           f"SIGKILL of rank 1 after step {KILL_AT}, checkpoint every 2 steps, {args.repeats} runs each")  # fmt: skip
+    peer = statistics.median(s for s, _ in results["Ray Train TorchTrainer"])
     for name, values in results.items():
-        print(f"{name:<24} median {statistics.median(values):6.2f} s  (runs: {', '.join(f'{v:.2f}' for v in values)})")
-    if splits:
-        medians = {k: statistics.median(s.get(k, 0.0) for s in splits) for k in splits[0]}
-        print("fourfold, median seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+        median = statistics.median(s for s, _ in values)
+        runs = ", ".join(f"{s:.2f}" for s, _ in values)
+        redone = statistics.median(r for _, r in values)
+        print(f"{name:<26} median {median:6.2f} s = {median / peer:.2f} x Ray Train, steps redone {redone:g}  "
+              f"(runs: {runs})")  # fmt: skip
+    for name, rows in splits.items():
+        if rows:
+            medians = {k: statistics.median(s.get(k, 0.0) for s in rows) for k in rows[0]}
+            print(f"{name}, median seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     ray.shutdown()
     return 0
 

@@ -264,6 +264,15 @@ class RestartConfig(_Section):
     """Seconds to wait before the first restart; doubled for each further one, capped at 300 s."""
     hang_timeout_s: float = Field(300.0, gt=0)
     """A job whose ranks report no heartbeat for this long is treated as failed."""
+    in_place: bool = True
+    """When a rank's process dies (its node still up), keep the other ranks' processes and their state
+    in memory, start only a replacement, and re-form the process groups in place; the replacement gets
+    its state from a live data-parallel replica, or every rank reloads the newest checkpoint where none
+    holds it (docs/fault-tolerance.md). false: every failure restarts the whole job from its checkpoint."""
+    spares: int = Field(0, ge=0, le=64)
+    """Warm spare processes kept beside the job (torch imported, the model built on the meta device),
+    each holding one rank's resources: a replacement then starts in well under a second. Placed on the
+    job's nodes first; a job whose cluster has no room for them waits like one without room for its ranks."""
 
 
 class PlanConfig(_Section):

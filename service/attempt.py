@@ -64,6 +64,7 @@ class Attempt:
     recover_from: float | None = None  # monotonic time a failure was detected, until training resumes
     cause: str = ""  # of that failure
     marks: dict[str, float] = field(default_factory=dict)  # a recovery's moments so far (service.recovery.MARKS)
+    how: str = ""  # how that recovery brought the state back, for its event
     last_step: int = 0
 
 

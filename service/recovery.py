@@ -36,7 +36,8 @@ def fit(cfg: Config, free: dict[str, dict[str, float]]) -> tuple[Config, Plan] |
             except ConfigError:  # e.g. the global batch does not split over this dp
                 continue
         try:
-            return trial, make_plan(trial.parallel, nodes_for(free, trial.resources), unit_of(trial.resources))
+            nodes = nodes_for(free, trial.resources)
+            return trial, make_plan(trial.parallel, nodes, unit_of(trial.resources), trial.restart.spares)
         except ConfigError:
             continue
     return None

@@ -42,7 +42,7 @@ def admit(
         try:
             cfg = build_config(job.spec)
             if fit(cfg, total) is None:  # not even at dp_min on the empty cluster: say why at full dp
-                make_plan(cfg.parallel, nodes_for(total, cfg.resources), unit_of(cfg.resources))
+                make_plan(cfg.parallel, nodes_for(total, cfg.resources), unit_of(cfg.resources), cfg.restart.spares)
         except ConfigError as err:  # cannot run even on the empty cluster (or the spec went bad)
             out.append(Decision(job.id, "refuse", reason=str(err)))
             continue

@@ -76,7 +76,10 @@ class AttemptPhase(StrEnum):
 PHASES: dict[AttemptPhase, frozenset[AttemptPhase]] = {
     AttemptPhase.RESERVING: frozenset({AttemptPhase.STARTING, AttemptPhase.FINISHED}),
     AttemptPhase.STARTING: frozenset({AttemptPhase.TRAINING, AttemptPhase.STOPPING, AttemptPhase.FINISHED}),
-    AttemptPhase.TRAINING: frozenset({AttemptPhase.RESIZING, AttemptPhase.STOPPING, AttemptPhase.FINISHED}),
+    # TRAINING -> STARTING: an in-place recovery (workers.inplace) starts a rank again in the same group
+    AttemptPhase.TRAINING: frozenset(
+        {AttemptPhase.STARTING, AttemptPhase.RESIZING, AttemptPhase.STOPPING, AttemptPhase.FINISHED}
+    ),
     AttemptPhase.RESIZING: frozenset({AttemptPhase.STOPPING, AttemptPhase.FINISHED}),  # a cancel overrides
     AttemptPhase.STOPPING: frozenset({AttemptPhase.FINISHED}),
     AttemptPhase.FINISHED: frozenset(),

@@ -192,6 +192,9 @@ class Supervisor:
             self.store.append_logs(job_id, [f"room for dp={grow_to}: stopping at the next checkpoint to grow back"])
         status = att.group.poll()
         self._store_metrics(job_id, att, status.metrics, job, status.marks)
+        if status.recovered is not None:
+            self._recovered_in_place(job_id, att, status.recovered)
+            return
         trains = bool(status.metrics or status.training)
         if trains and job is not None and job.state == JobState.STARTING:
             self.store.transition(job_id, JobState.RUNNING, TRAINING_REASON)
@@ -266,7 +269,7 @@ class Supervisor:
             if "detected" in att.marks:  # where the seconds went
                 split = phases_of({**att.marks, **rank_marks(ranks or {}), "first_step": time.time()})
             self.metrics.observe_recovery(job_id, seconds, split)
-            message = f"training resumed {seconds:.1f} s after the failure was detected ({att.cause})"
+            message = f"training resumed {seconds:.1f} s after the failure was detected ({att.cause}){att.how}"
             if split:
                 message += ": " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in split.items())
             change = Change(recovery=(att.number, seconds, split), events=((EventKind.RECOVERY, message),))
@@ -297,6 +300,33 @@ class Supervisor:
         change = Change(end_attempt=ended, states=tuple(states), logs=(f"{state.value}: {end.reason}",))
         self.store.apply(job_id, change)
         self.metrics.forget(job_id)
+
+    def _recovered_in_place(self, job_id: str, att: Attempt, rec: dict[str, Any]) -> None:
+        """The group brought a dead rank back without restarting the others (`workers.inplace`): one
+        change (the attempt failed, a new one starts in the same processes), counted like a restart."""
+        cause, restart = rec["cause"], att.group.cfg.restart
+        if att.failures + 1 > restart.max_failures:
+            self._finish(job_id, att, End(AttemptOutcome.FAILED, cause))
+            return
+        if rec["path"] == "peer":
+            how = f"from live replicas at step {rec['step']}, no step before the failure redone"
+        else:
+            how = f"from the newest checkpoint, because {rec['reason']}"
+        ranks = ", ".join(map(str, rec["ranks"]))
+        by = f"{rec['spares_used']} warm spare(s)" if rec["spares_used"] else "new process(es)"
+        note = f"recovering in place: rank(s) {ranks} replaced by {by}, the other ranks' processes kept; state {how}"
+        change = Change(
+            end_attempt=(att.number, AttemptOutcome.FAILED, cause), events=((EventKind.FAILURE, cause),),
+            logs=(f"failure: {cause}", note), new_attempt=True,
+            states=((JobState.RESTARTING, f"{cause}; {note}"), (JobState.STARTING, "recovering in place")),
+        )  # fmt: skip
+        number = self.store.apply(job_id, change)
+        self.metrics.restarts.labels(job=job_id).inc()
+        att.number, att.failures, att.cause = number or att.number, att.failures + 1, cause
+        att.how = f"; in place, {how}"
+        att.recover_from = time.monotonic() - (time.time() - rec["marks"]["detected"])
+        att.marks = dict(rec["marks"])
+        self._enter(job_id, att, AttemptPhase.STARTING)
 
     def _failed(self, job_id: str, att: Attempt, end: End, marks: dict[str, float] | None = None) -> None:
         """Restart after a backoff, or end FAILED past max_failures (at once for a permanent cause)."""
@@ -400,9 +430,11 @@ class Supervisor:
         one before; the restart resumes after the newest. Every checkpoint retention kept is read."""
         if not ckpt_dir or attempt < 1:
             return
+        stored = {m.step for m in self.store.metrics(job_id)}  # a step some attempt stored keeps its attempt
         for c in list_checkpoints(ckpt_dir):
             if c.complete:
-                self.store.add_metrics(job_id, c.meta.get("metrics", []), attempt)
+                missing = [m for m in c.meta.get("metrics", []) if m.get("step") not in stored]
+                self.store.add_metrics(job_id, missing, attempt)
 
     def _record_checkpoints(self, job_id: str, cfg: Config) -> None:
         if cfg.checkpoint.dir:

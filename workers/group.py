@@ -33,14 +33,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.config import Config
 from workers.health import Health
+from workers.inplace import RecoveryFailed, new_actor, recover, start_spare
 from workers.placement import Bundle, Node, PlacementError, Plan, bundles_of, make_plan, nodes_for, unit_of
 from workers.worker import RankRunner
 
 NAMESPACE = "fourfold"
 # Passed on to every rank when the driver has them: how gloo and torch find their way on CPU.
 PASS_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-            "FOURFOLD_TEST_STALL", "FOURFOLD_TEST_HOLD")  # fmt: skip
+            "FOURFOLD_TEST_STALL", "FOURFOLD_TEST_HOLD", "FOURFOLD_TEST_PEER_FAIL")  # fmt: skip
 LAUNCH_TIMEOUT_S = 120.0  # for every actor process to start and answer
+LOST_GRACE_S = 5.0  # ranks whose step failed with no process dead: how long to wait for a death to show
 GONE_TIMEOUT_S = 30.0  # for Ray to finish removing what teardown removed
 
 
@@ -68,6 +70,7 @@ class Status:
     # still list such a node alive for a while, so a restart should not plan on it yet.
     unreachable_nodes: tuple[str, ...] = ()
     marks: dict[int, dict[str, float]] = field(default_factory=dict)  # each rank's start-up moments
+    recovered: dict[str, Any] | None = None  # an in-place recovery just carried out (workers.inplace.recover)
 
 
 class WorkerGroup:
@@ -88,9 +91,21 @@ class WorkerGroup:
         self.errors: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
         self.marks: dict[int, dict[str, float]] = {}  # each rank's start-up moments (wall clock)
+        # in-place recovery (workers.inplace): names of every actor made, warm spares (actor, node, ref),
+        # ranks whose step failed and who wait for rejoin, and whether a recovery awaits its first step
+        self.namespace = NAMESPACE
+        self.names: set[str] = set()
+        self.spares: list[tuple[Any, str, Any]] = []
+        self.spare_seq = self.generation = 0
+        self.lost: dict[int, dict[str, Any]] = {}
+        self.lost_since: float | None = None
+        self.recovering = self.stop_requested = False
+        self.launch_args: tuple[dict[str, Any], dict[str, str], dict[str, Any] | None] = ({}, {}, None)
 
     def make_plan(self) -> Plan:
-        return make_plan(self.cfg.parallel, cluster_nodes(self.cfg), unit=unit_of(self.cfg.resources))
+        return make_plan(
+            self.cfg.parallel, cluster_nodes(self.cfg), unit=unit_of(self.cfg.resources), spares=self.cfg.restart.spares
+        )
 
     # -- starting ------------------------------------------------------------------
     def start(self, spec: dict[str, Any] | None = None, plan: Plan | None = None) -> None:
@@ -140,22 +155,11 @@ class WorkerGroup:
             self.teardown()
             raise PlacementError(f"the placement group landed on {landed}, not on the planned nodes")
         gpu = res.accelerator == "gpu"
-        nodes = plan.nodes()
         # The queue lives in rank 0's bundle: if that node goes, the job fails anyway.
         beside_rank0 = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
         self.queue = Queue(actor_options={"num_cpus": 0, "namespace": NAMESPACE, "scheduling_strategy": beside_rank0})
-        queue = self.queue
-        actor_cls = ray.remote(self.runner_cls)
         world = self.cfg.parallel.world_size
-        for r in plan.ranks:
-            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=nodes.index(r.node))
-            self.actors.append(
-                actor_cls.options(
-                    name=f"fourfold:{self.job_id}:{r.rank}", namespace=NAMESPACE, num_cpus=res.cpus_per_rank,
-                    max_concurrency=2,  # run() in one thread; where/request_stop answered meanwhile
-                    num_gpus=1 if gpu else 0, scheduling_strategy=strategy,
-                ).remote(r.rank, world, 0 if gpu else r.bundle, queue.put_nowait)
-            )  # fmt: skip
+        self.actors = [new_actor(self, f"fourfold:{self.job_id}:{r.rank}", r.rank, r.node) for r in plan.ranks]
         master = ray.get(self.actors[0].where.remote(), timeout=LAUNCH_TIMEOUT_S)["host"]
         port = ray.get(self.actors[0].open_rendezvous.remote(self.cfg.parallel.timeout_s), timeout=LAUNCH_TIMEOUT_S)
         env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
@@ -163,7 +167,10 @@ class WorkerGroup:
         if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ""
         spec = spec if spec is not None else self.cfg.model_dump(mode="json", by_alias=True)
+        self.launch_args = (spec, env, storage)
         self.futures = [a.run.remote(spec, master, port, env, storage) for a in self.actors]
+        for node in plan.spares:
+            start_spare(self, node)
         self.health = Health(world, time.monotonic(), nodes={r.rank: r.node for r in plan.ranks})
 
     @property
@@ -177,6 +184,7 @@ class WorkerGroup:
     def request_stop(self, at_checkpoint: bool = False) -> None:
         """Ask every rank to stop after its current step (saving a checkpoint if configured), or
         with `at_checkpoint` after the next step that saves one on schedule."""
+        self.stop_requested = True  # a rank dying now fails the job: no in-place recovery while stopping
         for a in self.actors:
             a.request_stop.remote(at_checkpoint)
 
@@ -199,6 +207,9 @@ class WorkerGroup:
                 self.errors.append(event)
             elif event["kind"] == "marks":
                 self.marks[event["rank"]] = event["marks"]
+            elif event["kind"] == "lost":
+                self.lost[event["rank"]] = event
+                self.lost_since = self.lost_since or now
             else:
                 self.heartbeats[event["rank"]] = event
                 self.health.record(event["rank"], event["step"], event["phase"], now)
@@ -221,17 +232,43 @@ class WorkerGroup:
                 unreachable.append(self.futures.index(ref))
             except Exception as err:  # a rank raised
                 raised.append((self.futures.index(ref), err))
+        if metrics:
+            self.recovering = False  # a step after an in-place recovery: it is over
+        if died and self._in_place(died, raised, unreachable):
+            try:
+                record = recover(self, died)
+            except RecoveryFailed as err:
+                metrics += self._drain()
+                cause = f"{self._cause(died, raised)}; in-place recovery failed ({err})"
+                return self._status("failed", metrics, cause)
+            status = self._status("running", metrics + self._drain())
+            status.recovered = record
+            return status
         if died or raised:
             metrics += self._drain()
             status = self._status("failed", metrics, self._cause(died, raised))
             nodes = {r.rank: r.node for r in self.plan.ranks} if self.plan else {}
             status.unreachable_nodes = tuple(sorted({nodes[r] for r in unreachable if r in nodes}))
             return status
+        if self.lost_since is not None and time.monotonic() - self.lost_since > LOST_GRACE_S:
+            # steps failed and no process died: an error of the job's own, which recovering in place
+            # would only repeat (the waiting ranks end with the teardown)
+            return self._status("failed", metrics, self._cause([], []))
         if len(done) < len(self.futures):
             return self._status("running", metrics)
         self.results = ray.get(self.futures)
         metrics += self._drain()
         return self._status("stopped" if any(r["stopped"] for r in self.results) else "succeeded", metrics)
+
+    def _in_place(self, died: list[int], raised: list[Any], unreachable: list[int]) -> bool:
+        """Whether to recover in place: asked for, only processes died (their nodes answer), some rank
+        survives, the job is not stopping, and no recovery is still waiting for its first step (a failure
+        then restarts the job)."""
+        world = self.cfg.parallel.world_size
+        return (
+            self.cfg.restart.in_place and not raised and not unreachable and not self.recovering
+            and not self.stop_requested and len(died) < world and self.queue is not None
+        )  # fmt: skip
 
     def _status(self, state: str, metrics: list[dict[str, Any]], error: str | None = None) -> Status:
         return Status(state, metrics, dict(self.heartbeats), error, self.health.training, marks=dict(self.marks))
@@ -279,10 +316,10 @@ class WorkerGroup:
     def teardown(self, wait: bool = True) -> None:
         """Kill every actor and remove the placement group, then (wait=True) until Ray says they
         are gone. Safe to call more than once; one step failing (a lost node) does not skip the rest."""
-        names = [f"fourfold:{self.job_id}:{r}" for r in range(len(self.actors))]
-        for a in self.actors:
+        names = sorted(self.names)
+        for a in [*self.actors, *(s[0] for s in self.spares)]:
             _quietly(ray.kill, a, no_restart=True)
-        self.actors, self.futures = [], []
+        self.actors, self.futures, self.spares = [], [], []
         if self.queue is not None:
             _quietly(self.queue.shutdown, force=True)
             self.queue = None

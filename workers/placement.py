@@ -52,10 +52,11 @@ class RankPlace:
 class Plan:
     ranks: list[RankPlace]
     block: int  # ranks that share a node as one unit (tp, or tp * cp)
+    spares: tuple[str, ...] = ()  # the node of each warm spare (restart.spares)
 
     def nodes(self) -> list[str]:
-        """The nodes used, in the order their first rank appears."""
-        return list(dict.fromkeys(r.node for r in self.ranks))
+        """The nodes used, in the order their first rank appears (then nodes with spares only)."""
+        return list(dict.fromkeys([*(r.node for r in self.ranks), *self.spares]))
 
     def on_node(self, node: str) -> list[RankPlace]:
         return [r for r in self.ranks if r.node == node]
@@ -70,7 +71,7 @@ def bundles_of(plan: Plan, res: ResourcesConfig) -> list[Bundle]:
     gpu = res.accelerator == "gpu"
     out = []
     for node in plan.nodes():
-        n = len(plan.on_node(node))
+        n = len(plan.on_node(node)) + plan.spares.count(node)
         out.append((node, {"CPU": round(n * res.cpus_per_rank, 4), **({"GPU": n} if gpu else {})}))
     return out
 
@@ -101,10 +102,39 @@ def coords(rank: int, p: ParallelConfig) -> tuple[int, int, int, int]:
     return pp, dp, cp, tp
 
 
-def make_plan(p: ParallelConfig, nodes: list[Node], unit: str = "slots") -> Plan:
-    """Assign every rank to a node; PlacementError (with the reason) when it cannot fit.
+def make_plan(p: ParallelConfig, nodes: list[Node], unit: str = "slots", spares: int = 0) -> Plan:
+    """Assign every rank to a node, then `spares` warm spares; PlacementError (with the reason) when
+    it cannot fit.
 
     `unit` names what a slot is in messages ("GPUs" or "CPU slots")."""
+    plan = _ranks_plan(p, nodes, unit)
+    return _with_spares(plan, nodes, spares, unit) if spares else plan
+
+
+def _with_spares(plan: Plan, nodes: list[Node], n: int, unit: str) -> Plan:
+    """Spares go round-robin over the nodes with room left, the plan's own nodes first (a spare that
+    replaces a rank on its node keeps that rank's TP group together)."""
+    used = {node: len(plan.on_node(node)) for node in plan.nodes()}
+    room = {x.id: x.slots - used.get(x.id, 0) for x in nodes}
+    order = [*plan.nodes(), *sorted(x.id for x in nodes if x.id not in used)]
+    spares: list[str] = []
+    while len(spares) < n:
+        placed = False
+        for node in order:
+            if len(spares) < n and room.get(node, 0) > 0:
+                room[node] -= 1
+                spares.append(node)
+                placed = True
+        if not placed:
+            raise PlacementError(
+                f"restart.spares={n}: the cluster has room for {len(spares)} spare(s) beside the job's "
+                f"{len(plan.ranks)} ranks ({unit} free per node after them: "
+                f"{', '.join(f'{k}={max(v, 0)}' for k, v in room.items())})"
+            )
+    return Plan(plan.ranks, plan.block, tuple(spares))
+
+
+def _ranks_plan(p: ParallelConfig, nodes: list[Node], unit: str) -> Plan:
     usable = sorted((n for n in nodes if n.slots > 0), key=lambda n: n.id)
     world = p.world_size
     if not usable:

@@ -7,7 +7,8 @@ the driver hands in (a Ray queue there, a list in a test):
     {"kind": "metrics", "rank": 0, "metrics": {...}}      rank 0, after every step
     {"kind": "heartbeat", "rank": r, "step": s, "phase": "forward-backward", "time": t}
     {"kind": "error", "rank": r, "error": "RuntimeError: ...", "time": t}        a rank that raised
-    {"kind": "marks", "rank": r, "marks": {"imported": t, "rendezvous": t, "state": t}}   once, before training
+    {"kind": "marks", "rank": r, "marks": {"imported": t, "rendezvous": t, "state": t}}   once per generation
+    {"kind": "lost", "rank": r, "clean_step": s, "time": t}    its step failed; it waits for rejoin()
 
 The marks are wall-clock moments of the rank's start-up (torch and the engine imported, the process
 groups joined, the model built and the checkpoint loaded), from which the service tells where a
@@ -19,6 +20,13 @@ that is stuck keeps saying where: `starting` (process group, model, checkpoint l
 then the trainer's phase (`data`, `forward-backward`, `optimizer`, `loss`, `checkpoint`,
 `idle`), `stopping` and `done`. `workers.health` judges them.
 
+When a peer's process dies (restart.in_place), a rank's step fails on its next collective with that
+peer; the rank keeps its state in memory (`parallel.peer.capture`), leaves its process groups, reports
+`lost` with the step its state is at, and waits for the driver's `rejoin`: the next generation's
+rendezvous and recovery plan. It then builds a fresh trainer in the new groups and restores its own
+state, or receives a replica's, or loads the newest checkpoint, and trains on. A replacement process
+is started with that plan (`run(..., recovery=...)`); a warm spare first `assume`s the rank.
+
 Stopping is cooperative and happens at a step boundary on every rank at once: after each
 step the ranks all-reduce their stop flags on a small gloo group, so a request that reaches
 one rank stops all of them after the same step. With `checkpoint.dir` set, a stopped job
@@ -27,6 +35,7 @@ first saves a checkpoint of that step, so nothing is lost.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -52,6 +61,8 @@ class RankRunner:
         self.trainer: Any = None
         self._at_checkpoint = False
         self._store: Any = None  # rank 0's rendezvous store, from open_rendezvous()
+        self._rejoin: dict[str, Any] | None = None  # the next generation, from rejoin()
+        self._rejoin_event = threading.Event()
         # Import torch and the engine at once, in the background: a new rank process (a restart's
         # included) spends seconds on these imports, which then overlap with the driver's launch
         # (the other actors starting, the rendezvous opening) instead of following it. run() and
@@ -122,92 +133,187 @@ class RankRunner:
         master_port: int,
         env: dict[str, str] | None = None,
         storage: dict[str, Any] | None = None,
+        recovery: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Train the job to its end (or a requested stop); returns a summary. With `storage` (a
-        `workers.confine.Grant` as a dict) the spec's paths are checked against it first."""
+        `workers.confine.Grant` as a dict) the spec's paths are checked against it first. With
+        `recovery` (a `parallel.peer.RecoveryPlan` as a dict) this process replaces a dead rank."""
         os.environ.update(env or {})
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
         )  # fmt: skip
         import torch
-        import torch.distributed as dist
 
         from parallel.config import build_config
-        from parallel.mesh import init_distributed
-        from parallel.trainer import Trainer
+        from parallel.peer import capture
         from workers.confine import Grant, recheck
 
         marks = {"imported": time.time()}
-
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         hang_timeout_s = float(spec.get("restart", {}).get("hang_timeout_s", 300))
         beats = threading.Thread(target=self._beat_every, args=(min(2.0, hang_timeout_s / 5),), daemon=True)
         self._beat("starting")
         beats.start()
-        stopped, trainer, control = False, None, None
+        stopped, kept = False, None
         try:
             cfg = build_config(spec, world_size=self.world_size)
             if storage is not None:  # a symlink swapped since the submission fails here, before any open
                 recheck(spec, Grant.from_dict(storage))
-            if self._store is None:  # ranks > 0: clients of rank 0's store
-                wait = timedelta(seconds=cfg.parallel.timeout_s)
-                self._store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=wait)
-            init_distributed(cfg.parallel.timeout_s, store=self._store)
-            marks["rendezvous"] = time.time()
-            trainer = self.trainer = Trainer(cfg)
-            marks["state"] = time.time()
-            self.report({"kind": "marks", "rank": self.rank, "marks": marks})
-            self.step = trainer.step
-            control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
-            stall, hold = _stall_hook(self.rank), _hold_hook()
-
-            def on_step(metrics: dict[str, Any]) -> None:
-                self.step = metrics["step"]
-                if stall is not None and self.step == stall:  # test hook: this rank hangs here, once
-                    _mark_stalled()
-                    self._beat("stalled-by-test-hook")
-                    time.sleep(3600)
-                if self.rank == 0:
-                    self.report({"kind": "metrics", "rank": 0, "metrics": metrics})
-                self._beat("train")
-                if hold is not None and self.step >= hold[0]:  # test hook: wait for a file or a stop
-                    self._beat("held-by-test-hook")
-                    while not os.path.exists(hold[1]) and not self._stop.is_set():
-                        time.sleep(0.2)
-                    self._beat("train")
-                c = cfg.checkpoint
-                saved_now = bool(c.dir) and c.every > 0 and self.step % c.every == 0  # the same on every rank
-                stop_now = self._stop.is_set() and (saved_now or not self._at_checkpoint or not c.dir or not c.every)
-                flag = torch.tensor([1.0 if stop_now else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-                if flag.item() > 0 and trainer.step < cfg.train.steps:
-                    raise StopRequested
-
-            self._beat("train")
-            trainer.run(on_step=on_step)
+            while True:  # one pass per process-group generation: the first, then one per in-place recovery
+                try:
+                    self._join(cfg, master_addr, master_port, recovery, kept, marks)
+                    kept = None
+                    self._train(cfg)
+                    break
+                except StopRequested:
+                    raise
+                except Exception as err:
+                    self._report_error(err)
+                    if not cfg.restart.in_place or self._stop.is_set():
+                        raise
+                    kept = capture(self.trainer) or kept  # a pass that failed before its state was whole keeps the last
+                    self._leave()
+                    self.report({"kind": "lost", "rank": self.rank, "clean_step": kept.step if kept else None,
+                                 "time": time.time()})  # fmt: skip
+                    recovery = self._await_rejoin(max(60.0, hang_timeout_s))
+                    if recovery is None:  # the driver gave the in-place recovery up: the job restarts
+                        raise
+                    master_addr, master_port = recovery["master"], recovery["port"]
+                    marks = {"imported": time.time()}
         except StopRequested:
             stopped = True
             self._beat("stopping")
+            trainer = self.trainer
             if trainer.checkpointer is not None and cfg.checkpoint.dir:
                 trainer.checkpointer.finish()
                 trainer.checkpointer.save(trainer.step, trainer.checkpoint_meta(), wait=True)  # no-op if saved
         except Exception as err:
-            # Said before this rank leaves the process group: its peers fail next ("connection
-            # closed"), so the earliest error event is the cause.
-            self.report({"kind": "error", "rank": self.rank, "error": f"{type(err).__name__}: {err}",
-                         "time": time.time()})  # fmt: skip
+            if not getattr(err, "_fourfold_reported", False):
+                self._report_error(err)
             raise
         finally:
             self._done.set()
-            if trainer is not None:
-                trainer.close()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self._store = None
+            self._leave()
         self.phase = "done"
         self._send_beat()
         return {"rank": self.rank, "step": self.step, "stopped": stopped}
+
+    def _report_error(self, err: Exception) -> None:
+        # Said before this rank leaves the process group: its peers fail next ("connection
+        # closed"), so the earliest error event is the cause.
+        self.report({"kind": "error", "rank": self.rank, "error": f"{type(err).__name__}: {err}", "time": time.time()})
+        err._fourfold_reported = True  # type: ignore[attr-defined]
+
+    def _join(
+        self, cfg: Any, master_addr: str, master_port: int, recovery: dict[str, Any] | None, kept: Any,
+        marks: dict[str, float],
+    ) -> None:  # fmt: skip
+        """Join this generation's process groups and build the trainer: from the spec's checkpoint
+        (the first generation), from the kept and received state, or from the newest checkpoint."""
+        import torch.distributed as dist
+
+        from parallel.mesh import init_distributed
+        from parallel.peer import RecoveryPlan, exchange
+        from parallel.trainer import Trainer
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        self.trainer = None
+        self._beat("starting")
+        if self._store is None:  # ranks > 0: clients of rank 0's store
+            wait = timedelta(seconds=cfg.parallel.timeout_s)
+            self._store = dist.TCPStore(master_addr, master_port, self.world_size, is_master=False, timeout=wait)
+        init_distributed(cfg.parallel.timeout_s, store=self._store)
+        marks["rendezvous"] = time.time()
+        plan = RecoveryPlan.from_dict(recovery) if recovery is not None else None
+        if plan is None:
+            trainer = Trainer(cfg)
+        elif plan.path == "peer":
+            trainer = Trainer(cfg, resume=False)
+            _peer_fail_hook(plan, self.rank)
+            exchange(trainer, plan, kept)
+        else:
+            trainer = Trainer(cfg, resume="auto" if cfg.checkpoint.dir else False)
+        marks["state"] = time.time()
+        self.report({"kind": "marks", "rank": self.rank, "marks": marks})
+        self.trainer, self.step = trainer, trainer.step
+
+    def _train(self, cfg: Any) -> None:
+        import torch
+        import torch.distributed as dist
+
+        trainer = self.trainer
+        control = dist.new_group(backend="gloo")  # stop flags, on CPU whatever the training backend
+        stall, hold = _stall_hook(self.rank), _hold_hook()
+
+        def on_step(metrics: dict[str, Any]) -> None:
+            self.step = metrics["step"]
+            if stall is not None and self.step == stall:  # test hook: this rank hangs here, once
+                _mark_stalled()
+                self._beat("stalled-by-test-hook")
+                time.sleep(3600)
+            if self.rank == 0:
+                self.report({"kind": "metrics", "rank": 0, "metrics": metrics})
+            self._beat("train")
+            if hold is not None and self.step >= hold[0]:  # test hook: wait for a file or a stop
+                self._beat("held-by-test-hook")
+                while not os.path.exists(hold[1]) and not self._stop.is_set():
+                    time.sleep(0.2)
+                self._beat("train")
+            c = cfg.checkpoint
+            saved_now = bool(c.dir) and c.every > 0 and self.step % c.every == 0  # the same on every rank
+            stop_now = self._stop.is_set() and (saved_now or not self._at_checkpoint or not c.dir or not c.every)
+            flag = torch.tensor([1.0 if stop_now else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+            if flag.item() > 0 and trainer.step < cfg.train.steps:
+                raise StopRequested
+
+        self._beat("train")
+        trainer.run(on_step=on_step)
+
+    def _leave(self) -> None:
+        """Close the trainer and leave every process group of this generation (the state the trainer
+        held stays wherever `capture` kept references to it)."""
+        import torch.distributed as dist
+
+        trainer, self.trainer = self.trainer, None
+        if trainer is not None:
+            self.step = trainer.step
+            with contextlib.suppress(Exception):
+                trainer.close()
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        self._store = None
+
+    # -- in-place recovery: the driver's side is workers.group.WorkerGroup._recover -------------
+    def rejoin(self, recovery: dict[str, Any] | None) -> None:
+        """Go on in a new process-group generation (`recovery`: where, and the RecoveryPlan as a dict),
+        or with None give up and end run() with the failure."""
+        self._rejoin = recovery
+        self._rejoin_event.set()
+
+    def _await_rejoin(self, timeout_s: float) -> dict[str, Any] | None:
+        self._beat("recovering")
+        got = self._rejoin_event.wait(timeout_s)
+        self._rejoin_event.clear()
+        recovery, self._rejoin = self._rejoin, None
+        return recovery if got else None
+
+    def assume(self, rank: int, local_rank: int) -> int:
+        """A warm spare takes a rank's place (before run()); returns its process id."""
+        self.rank, self.local_rank = rank, local_rank
+        return os.getpid()
+
+    def prepare(self, spec: dict[str, Any]) -> None:
+        """A warm spare's work ahead of time: the engine imported and the model built on the meta
+        device once, so what run() repeats is cached or quick."""
+        from parallel.config import build_config
+        from parallel.parallelize import build_model
+        from parallel.pipeline_parallel import stage_ids
+
+        cfg = build_config(spec, world_size=self.world_size)
+        build_model(cfg, stage_ids(0, cfg.parallel))
 
 
 def _warm_imports() -> None:
@@ -217,6 +323,16 @@ def _warm_imports() -> None:
         import parallel.trainer  # noqa: F401
     except Exception:  # run() imports them again and reports what fails there
         pass
+
+
+def _peer_fail_hook(plan: Any, rank: int) -> None:
+    """FOURFOLD_TEST_PEER_FAIL=MARKER: the first rank to send state in a peer recovery dies there,
+    once (it creates MARKER): a failure during the recovery itself (fault-tolerance tests)."""
+    marker = os.environ.get("FOURFOLD_TEST_PEER_FAIL")
+    if marker and not os.path.exists(marker) and plan.transfers and plan.transfers[0][0] == rank:
+        with open(marker, "w") as f:
+            f.write(str(time.time()))
+        os._exit(9)
 
 
 def _stall_hook(rank: int) -> int | None:

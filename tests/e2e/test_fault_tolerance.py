@@ -135,7 +135,7 @@ def test_killed_worker_restarts_from_checkpoint(api, uninterrupted, tmp_path: Pa
     # after step 5 (checkpointed at 3) however fast or slow the machine: steps 4 and 5 are redone.
     release = tmp_path / "release"
     monkeypatch.setenv("FOURFOLD_TEST_HOLD", f"5:{release}")
-    killed = spec("killed", 12, tmp_path / "ckpt", every=3)
+    killed = spec("killed", 12, tmp_path / "ckpt", every=3, in_place=False)  # the whole job restarts
     job = client.post("/v1/jobs", json=killed).json()["id"]
     wait(client, job, {"RUNNING"}, step=5)
     reference = uninterrupted(killed)  # trains while the job's ranks wait
@@ -176,6 +176,66 @@ def test_killed_worker_restarts_from_checkpoint(api, uninterrupted, tmp_path: Pa
                            "first_step"] and all(s >= 0 for s in split.values())  # fmt: skip
     assert split["imports"] > 0 and split["state"] > 0 and sum(split.values()) == pytest.approx(recovery, abs=0.5)
     assert 'fourfold_recovery_phase_seconds_count{phase="imports"} 1.0' in client.get("/metrics").text
+
+
+def _pid(job: str, rank: int) -> int:
+    import ray
+
+    return ray.get(ray.get_actor(f"fourfold:{job}:{rank}", namespace="fourfold").where.remote())["pid"]
+
+
+def test_killed_worker_recovers_in_place_from_its_replica(api, uninterrupted, tmp_path: Path, monkeypatch) -> None:
+    """restart.in_place (the default): rank 1 is SIGKILLed after step 5 (checkpointed at 3); rank 0's
+    process stays, rank 1's replacement gets step 5's state from it, and no step is trained twice."""
+    client, store = api
+    release = tmp_path / "release"
+    monkeypatch.setenv("FOURFOLD_TEST_HOLD", f"5:{release}")
+    inplace = spec("inplace", 10, tmp_path / "ckpt", every=3)
+    job = client.post("/v1/jobs", json=inplace).json()["id"]
+    wait(client, job, {"RUNNING"}, step=5)
+    reference = uninterrupted(inplace)
+    os.kill(_pid(job, 1), signal.SIGKILL)
+    release.touch()  # rank 0 goes on, fails on its dead peer, and waits for the recovery
+    done = wait(client, job, {"SUCCEEDED", "FAILED"})
+    assert done["state"] == "SUCCEEDED", done["failure_reason"]
+    events = client.get(f"/v1/jobs/{job}/events").json()
+    failure = next(e for e in events if e["kind"] == "failure")
+    assert "worker process died: rank 1 on node" in failure["message"]
+    recovery = next(e for e in events if e["kind"] == "recovery")
+    assert "in place, from live replicas at step 5, no step before the failure redone" in recovery["message"]
+    assert [e["to_state"] for e in events if e["to_state"]][-4:] == ["RESTARTING", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert [a.outcome for a in store.attempts(job)] == ["failed", "succeeded"]
+    final = client.get(f"/v1/jobs/{job}/metrics").json()
+    assert [(m["step"], m["attempt"]) for m in final] == [(s, 1 if s <= 5 else 2) for s in range(1, 11)]
+    assert_losses_match({m["step"]: m["loss"] for m in final}, reference(), "recovered in place")
+    split = client.get(f"/v1/jobs/{job}/attempts").json()[1]["recovery_phases"]
+    assert split["reservation"] == 0 and split["state"] > 0, split  # nothing reserved again; state from the peer
+
+
+def test_a_failure_during_the_peer_recovery_restarts_the_job_from_its_checkpoint(
+    api, uninterrupted, tmp_path: Path, monkeypatch
+) -> None:
+    """The replica sending the state dies while it sends: the job then restarts whole from step 3's
+    checkpoint, and finishes with every step as an uninterrupted run gives it."""
+    client, store = api
+    release, marker = tmp_path / "release", tmp_path / "peer-failed"
+    monkeypatch.setenv("FOURFOLD_TEST_HOLD", f"5:{release}")
+    monkeypatch.setenv("FOURFOLD_TEST_PEER_FAIL", str(marker))
+    twice = spec("peerfail", 8, tmp_path / "ckpt", every=3)
+    job = client.post("/v1/jobs", json=twice).json()["id"]
+    wait(client, job, {"RUNNING"}, step=5)
+    reference = uninterrupted(twice)
+    os.kill(_pid(job, 1), signal.SIGKILL)
+    release.touch()
+    done = wait(client, job, {"SUCCEEDED", "FAILED"})
+    assert done["state"] == "SUCCEEDED", done["failure_reason"]
+    assert marker.exists()  # rank 0 did die while sending
+    failures = [e["message"] for e in client.get(f"/v1/jobs/{job}/events").json() if e["kind"] == "failure"]
+    assert len(failures) == 2 and "rank 1" in failures[0] and "worker process died: rank 0" in failures[1], failures
+    assert [a.outcome for a in store.attempts(job)] == ["failed", "failed", "succeeded"]
+    final = client.get(f"/v1/jobs/{job}/metrics").json()
+    assert [(m["step"], m["attempt"]) for m in final] == [(s, 1 if s <= 3 else 3) for s in range(1, 9)]
+    assert_losses_match({m["step"]: m["loss"] for m in final}, reference(), "after the fallback")
 
 
 def test_stalled_rank_is_detected_and_the_job_restarts(api, tmp_path: Path, monkeypatch) -> None:

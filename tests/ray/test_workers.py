@@ -11,6 +11,7 @@ import pytest
 
 from parallel.config import build_config
 from tests.dist.harness import BASE
+from tests.ray.cluster import local_cluster
 from workers.group import NAMESPACE, WorkerGroup
 from workers.worker import RankRunner
 
@@ -22,19 +23,10 @@ NODE_GPUS = 2
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    for _ in range(3):
-        # Two GPUs per node stand in for accelerators: Ray hands out their ids, torch (a CPU build
-        # here) finds no CUDA, so a "GPU" job places and accounts like one and trains on gloo.
-        c.add_node(num_cpus=NODE_CPUS, num_gpus=NODE_GPUS)
-    ray.init(address=c.address, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    # Two GPUs per node stand in for accelerators: Ray hands out their ids, torch (a CPU build
+    # here) finds no CUDA, so a "GPU" job places and accounts like one and trains on gloo.
+    with local_cluster(3, num_cpus=NODE_CPUS, num_gpus=NODE_GPUS) as c:
+        yield c
 
 
 def _cfg(*overrides: str, steps: int = 3):
