@@ -235,6 +235,12 @@ class CheckpointConfig(_Section):
     """Write in the background while training continues (the blocked time is in the metrics)."""
     resume: str | None = Field(None, json_schema_extra={"x-storage": "read", "x-keywords": ["auto"]})
     """`auto` = the newest complete checkpoint in `dir` (start fresh if none), or a checkpoint path."""
+    memory_every: int = Field(0, ge=0)
+    """Every this many steps each rank copies its state into host memory and sends a copy to a peer
+    (on another node when the job has several): a dead rank without a live replica (ZeRO 1-3 over every
+    dp rank) is then restored from those snapshots in place, redoing at most this many steps, without
+    reading storage (docs/fault-tolerance.md). 0 = off. Costs one copy of the rank's state in host
+    memory for its own snapshot and one for its peer's."""
 
 
 class ResourcesConfig(_Section):

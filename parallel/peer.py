@@ -12,6 +12,10 @@ step is redone, nothing before it.
     # on every rank, in the new process group, after building a fresh Trainer(cfg, resume=False):
     exchange(trainer, plan, kept)                                  # kept: capture(old trainer) or None
 
+With in-memory snapshots (`parallel/snapshot.py`), a rank whose share has no live replica is restored
+from the copy of its last snapshot its buddy holds, and every other rank from its own snapshot: the
+`snapshot` path, which redoes the steps since that snapshot.
+
 Which ranks are replicas: those at the same pipeline stage and tensor-parallel shard whose optimizer
 holds the same share. Under ZeRO 0 every data-parallel and context-parallel rank holds all of it;
 under ZeRO 1-3 the dp_shard ranks each hold a different 1/N, so only ranks at the same dp_shard
@@ -50,8 +54,8 @@ class Kept:
 
 @dataclass
 class RecoveryPlan:
-    path: Literal["peer", "checkpoint"]
-    step: int | None  # the step training goes on from (peer path)
+    path: Literal["peer", "snapshot", "checkpoint"]
+    step: int | None  # the step training goes on from (peer and snapshot paths)
     transfers: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) ranks
     reason: str = ""  # why this path, in a sentence
 
@@ -79,13 +83,18 @@ def replica_key(rank: int, p: ParallelConfig) -> tuple[int, ...]:
     return (c["pp"], c["tp"]) + ((c["dp_shard"],) if p.zero >= 1 else ())
 
 
-def plan_recovery(p: ParallelConfig, clean: dict[int, int | None]) -> RecoveryPlan:
+def plan_recovery(
+    p: ParallelConfig, clean: dict[int, int | None], snapshots: dict[int, dict[str, Any]] | None = None
+) -> RecoveryPlan:
     """How a job whose surviving ranks report `clean` ({rank: the step its state is at, or None when
-    its update was cut short}) gets every rank's state back; ranks missing from `clean` are new."""
+    its update was cut short}) gets every rank's state back; ranks missing from `clean` are new.
+    `snapshots`: what each survivor's in-memory snapshots hold (`parallel.snapshot.Snapshots.report`),
+    tried when no live replica can serve."""
     world = math.prod((p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp))
     steps = [s for s in clean.values() if s is not None]
     if not steps:
-        return RecoveryPlan("checkpoint", None, reason="no surviving rank holds a whole step's state")
+        no_peer = RecoveryPlan("checkpoint", None, reason="no surviving rank holds a whole step's state")
+        return _from_snapshots(world, clean, snapshots) or no_peer
     step = max(steps)
     transfers = []
     for rank in range(world):
@@ -95,10 +104,11 @@ def plan_recovery(p: ParallelConfig, clean: dict[int, int | None]) -> RecoveryPl
         if not sources:
             why = "was lost" if rank not in clean else f"is at {_at(clean[rank])}"
             share = "" if p.zero == 0 else f"; ZeRO {p.zero} gives each dp_shard rank its own share"
-            return RecoveryPlan(
+            no_peer = RecoveryPlan(
                 "checkpoint", None,
                 reason=f"rank {rank}'s state {why} and no surviving replica holds step {step}{share}",
             )  # fmt: skip
+            return _from_snapshots(world, clean, snapshots) or no_peer
         # spread the sending over the replicas that can
         transfers.append((sources[len(transfers) % len(sources)], rank))
     lost = sorted(set(range(world)) - set(clean))
@@ -106,6 +116,29 @@ def plan_recovery(p: ParallelConfig, clean: dict[int, int | None]) -> RecoveryPl
         "peer", step, transfers,
         reason=f"rank(s) {', '.join(map(str, lost)) or 'none'} restored from live replicas at step {step}",
     )  # fmt: skip
+
+
+def _from_snapshots(
+    world: int, clean: dict[int, int | None], snapshots: dict[int, dict[str, Any]] | None
+) -> RecoveryPlan | None:
+    """Every rank back to the survivors' common snapshot step, a lost rank's snapshot from the survivor
+    that holds it; None when the snapshots do not cover every rank."""
+    if not snapshots or set(snapshots) != set(clean):
+        return None
+    owns = {s["own"] for s in snapshots.values()}
+    if len(owns) != 1 or None in owns:
+        return None
+    (step,) = owns
+    held = {tuple(s["held"]): r for r, s in snapshots.items() if s["held"] is not None}
+    transfers = []
+    for rank in sorted(set(range(world)) - set(clean)):
+        if (rank, step) not in held:
+            return None
+        transfers.append((held[(rank, step)], rank))
+    lost = ", ".join(str(d) for _, d in transfers)
+    return RecoveryPlan(
+        "snapshot", step, transfers, reason=f"rank(s) {lost} restored from in-memory snapshots of step {step}"
+    )
 
 
 def _at(step: int | None) -> str:
@@ -139,50 +172,70 @@ def send(kept: Kept, dst: int) -> None:
     packed into one buffer per dtype (one message each instead of one per tensor)."""
     header = [{**kept.meta(), "rng": kept.rng}]
     dist.send_object_list(header, dst=dst)
-    for buffer in _pack(kept.params + kept.states).values():
+    for buffer in pack(kept.params + kept.states).values():
         dist.send(buffer, dst=dst)
 
 
 def receive(src: int, device: torch.device) -> Kept:
     header: list[Any] = [None]
     dist.recv_object_list(header, src=src)
-    meta = header[0]
-    shapes = [(torch.Size(s), getattr(torch, d.removeprefix("torch."))) for s, d in meta["shapes"]]
-    tensors: list[torch.Tensor | None] = [None] * len(shapes)
-    for dtype in dict.fromkeys(d for _, d in shapes):
-        idx = [i for i, (_, d) in enumerate(shapes) if d == dtype]
-        buffer = torch.empty(sum(math.prod(shapes[i][0]) for i in idx), dtype=dtype, device=device)
+    buffers = buffers_for(header[0], device)
+    for buffer in buffers.values():
         dist.recv(buffer, src=src)
-        at = 0
-        for i in idx:
-            n = math.prod(shapes[i][0])
-            tensors[i] = buffer[at : at + n].view(shapes[i][0])
-            at += n
-    n_params = meta["n_params"]
-    full = [t for t in tensors if t is not None]
-    return Kept(meta["step"], meta["data"], meta["rng"], full[:n_params], full[n_params:])
+    return unpack(header[0], buffers)
 
 
-def _pack(tensors: list[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+def buffers_for(meta: dict[str, Any], device: torch.device) -> dict[torch.dtype, torch.Tensor]:
+    """Empty buffers to receive a state described by `meta` (Kept.meta()) into, one per dtype."""
+    shapes = _shapes(meta)
+    sizes: dict[torch.dtype, int] = {}
+    for shape, dtype in shapes:
+        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    return {d: torch.empty(n, dtype=d, device=device) for d, n in sizes.items()}
+
+
+def unpack(meta: dict[str, Any], buffers: dict[torch.dtype, torch.Tensor]) -> Kept:
+    """The state in `buffers` (filled as `_pack` packed it) as a Kept, its tensors views of them."""
+    at = dict.fromkeys(buffers, 0)
+    tensors = []
+    for shape, dtype in _shapes(meta):
+        n = math.prod(shape)
+        tensors.append(buffers[dtype][at[dtype] : at[dtype] + n].view(shape))
+        at[dtype] += n
+    k = meta["n_params"]
+    return Kept(meta["step"], meta["data"], meta["rng"], tensors[:k], tensors[k:])
+
+
+def _shapes(meta: dict[str, Any]) -> list[tuple[torch.Size, torch.dtype]]:
+    return [(torch.Size(s), getattr(torch, d.removeprefix("torch."))) for s, d in meta["shapes"]]
+
+
+def pack(tensors: list[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
+    """The tensors flattened end to end, one buffer per dtype (in order of first appearance)."""
     out: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         out.setdefault(t.dtype, []).append(t.detach().reshape(-1))
     return {d: torch.cat(ts) for d, ts in out.items()}
 
 
-def exchange(trainer: Any, plan: RecoveryPlan, kept: Kept | None) -> None:
+def exchange(
+    trainer: Any, plan: RecoveryPlan, kept: Kept | None, snapshot: Kept | None = None,
+    held: Kept | None = None,
+) -> None:  # fmt: skip
     """Every rank of the new process group calls this with the same plan, after building a fresh
-    trainer: ranks at the plan's step restore their own state, the others receive one; the transfers
-    run in the plan's order on every rank, so no two ranks wait on each other."""
+    trainer: ranks at the plan's step restore their own state (on the `snapshot` path their own
+    snapshot), the others receive one (a replica's live state, or the snapshot a buddy `held`); the
+    transfers run in the plan's order on every rank, so no two ranks wait on each other."""
     rank = dist.get_rank()
+    mine, sending = (snapshot, held) if plan.path == "snapshot" else (kept, kept)
     receives = any(dst == rank for _, dst in plan.transfers)
     if not receives:
-        if kept is None or kept.step != plan.step:
+        if mine is None or mine.step != plan.step:
             raise RuntimeError(f"rank {rank}: the recovery plan expects it at step {plan.step} and gives it no source")
-        restore(trainer, kept)
+        restore(trainer, mine)
     for src, dst in plan.transfers:
         if rank == src:
-            assert kept is not None
-            send(kept, dst)
+            assert sending is not None
+            send(sending, dst)
         elif rank == dst:
             restore(trainer, receive(src, trainer.device))

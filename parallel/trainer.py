@@ -32,6 +32,7 @@ from parallel.flops import achieved_tflops, flops_per_token, peak_tflops
 from parallel.mesh import Layout, init_distributed
 from parallel.parallelize import build_model, build_optimizer, compute_dtype, parallelize
 from parallel.pipeline_parallel import Pipeline, stage_ids
+from parallel.snapshot import Snapshots
 from parallel.tensor_parallel import loss_context
 
 
@@ -87,7 +88,8 @@ class Trainer:
         # What this rank is doing now (read by a launcher's heartbeat thread to name where a hung
         # rank was): starting, data, forward-backward, optimizer, loss, checkpoint, idle.
         self.phase = "idle"
-        # resume
+        # in-memory snapshots between checkpoints, and resume
+        self.snapshots = Snapshots(cfg.checkpoint.memory_every) if cfg.checkpoint.memory_every else None
         self._since_ckpt: list[dict[str, Any]] = []  # step metrics not yet in a checkpoint
         self.checkpointer = self._resume(resume)
         # metrics
@@ -201,6 +203,8 @@ class Trainer:
             if self.checkpointer is not None:
                 self._since_ckpt.append(dict(metrics))
             metrics["ckpt_block_s"] = self._maybe_checkpoint()
+            if self.snapshots is not None:
+                metrics["snapshot_s"] = self.snapshots.maybe_take(self)
             history.append(metrics)
             if self.rank == 0:
                 self._report(metrics)

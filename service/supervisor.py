@@ -310,6 +310,8 @@ class Supervisor:
             return
         if rec["path"] == "peer":
             how = f"from live replicas at step {rec['step']}, no step before the failure redone"
+        elif rec["path"] == "snapshot":
+            how = f"from the in-memory snapshots of step {rec['step']} (no live replica holds every share)"
         else:
             how = f"from the newest checkpoint, because {rec['reason']}"
         ranks = ", ".join(map(str, rec["ranks"]))

@@ -34,7 +34,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from parallel.config import Config
 from workers.health import Health
 from workers.inplace import RecoveryFailed, new_actor, recover, start_spare
-from workers.placement import Bundle, Node, PlacementError, Plan, bundles_of, make_plan, nodes_for, unit_of
+from workers.placement import (
+    Bundle,
+    Node,
+    PlacementError,
+    Plan,
+    buddy_offset,
+    bundles_of,
+    make_plan,
+    nodes_for,
+    unit_of,
+)
 from workers.worker import RankRunner
 
 NAMESPACE = "fourfold"
@@ -166,12 +176,18 @@ class WorkerGroup:
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(res.cpus_per_rank))))
         if not gpu:  # a CPU job on a GPU node must not pick up the node's GPUs
             env["CUDA_VISIBLE_DEVICES"] = ""
+        env["FOURFOLD_SNAPSHOT_OFFSET"] = str(buddy_offset(plan))  # each rank's snapshot copy on another node
         spec = spec if spec is not None else self.cfg.model_dump(mode="json", by_alias=True)
         self.launch_args = (spec, env, storage)
         self.futures = [a.run.remote(spec, master, port, env, storage) for a in self.actors]
         for node in plan.spares:
             start_spare(self, node)
         self.health = Health(world, time.monotonic(), nodes={r.rank: r.node for r in plan.ranks})
+
+    def spares_ready(self) -> bool:
+        """Whether every warm spare has finished warming up (imports, the model built on meta)."""
+        refs = [ref for _, _, ref in self.spares]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs) if refs else True
 
     @property
     def launched(self) -> bool:

@@ -8,8 +8,9 @@ ranks' side is `workers.worker.RankRunner` and the plan is `parallel.peer.plan_r
    dead process gave back.
 2. Meanwhile every survivor's step fails on a collective with the dead rank (or with a survivor that
    already left), and each reports `lost` with the step its in-memory state is at.
-3. The plan: every rank's state from a live replica at the survivors' newest step (`peer`), or from
-   the newest checkpoint when some rank's share has no replica (`checkpoint`).
+3. The plan: every rank's state from a live replica at the survivors' newest step (`peer`); where some
+   rank's share has no replica, every rank back to the in-memory snapshots (`snapshot`, with
+   `checkpoint.memory_every`), else to the newest checkpoint (`checkpoint`).
 4. A new rendezvous on rank 0's process (a survivor's, or its replacement's), then `rejoin` to the
    survivors and `run` to the replacements: the same processes go on in a new process-group generation.
 
@@ -74,7 +75,8 @@ def _replacement(group: Any, rank: int) -> tuple[Any, bool]:
             ranks = [place if r.rank == rank else r for r in group.plan.ranks]
             group.plan = dataclasses.replace(group.plan, ranks=ranks)
         local = 0 if group.cfg.resources.accelerator == "gpu" else group.plan.ranks[rank].bundle
-        actor.assume.remote(rank, local)
+        # waited for: a threaded actor runs calls in any order, and run() must see the rank
+        ray.get(actor.assume.remote(rank, local), timeout=LAUNCH_TIMEOUT_S)
         return actor, True
     group.generation += 1
     return new_actor(group, f"fourfold:{group.job_id}:{rank}-{group.generation}", rank, node), False
@@ -96,7 +98,9 @@ def recover(group: Any, died: list[int]) -> dict[str, Any]:
         _await_lost(group, survivors)
         group.errors = []  # the survivors' "connection closed": effects of this failure, not causes of a next
         marks["torn_down"] = marks["restart"] = marks["reserved"] = time.time()
-        plan = plan_recovery(group.cfg.parallel, {r: group.lost[r]["clean_step"] for r in survivors})
+        snapshots = {r: group.lost[r]["snapshots"] for r in survivors if group.lost[r].get("snapshots")}
+        clean = {r: group.lost[r]["clean_step"] for r in survivors}
+        plan = plan_recovery(group.cfg.parallel, clean, snapshots or None)
         for r in died:
             ray.get(group.actors[r].where.remote(), timeout=LAUNCH_TIMEOUT_S)
         master = ray.get(group.actors[0].where.remote(), timeout=LAUNCH_TIMEOUT_S)["host"]

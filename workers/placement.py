@@ -182,6 +182,17 @@ def _assign(p: ParallelConfig, usable: list[Node], block: int, unit: str) -> Pla
     return Plan(ranks, block)
 
 
+def buddy_offset(plan: Plan) -> int:
+    """The smallest k such that rank r + k (mod world) is on another node than rank r, for every r:
+    where each rank's in-memory snapshot keeps its copy (`parallel.snapshot`); 1 on one node."""
+    nodes = [r.node for r in sorted(plan.ranks, key=lambda r: r.rank)]
+    world = len(nodes)
+    for k in range(1, world):
+        if all(nodes[r] != nodes[(r + k) % world] for r in range(world)):
+            return k
+    return 1
+
+
 def explain(plan: Plan) -> str:
     """The plan as a table a person can read."""
     lines = [f"{'rank':>4}  {'node':<20} {'bundle':>6}  {'pp':>2} {'dp':>2} {'cp':>2} {'tp':>2}"]

@@ -66,8 +66,14 @@ class RankRunner:
         # Import torch and the engine at once, in the background: a new rank process (a restart's
         # included) spends seconds on these imports, which then overlap with the driver's launch
         # (the other actors starting, the rendezvous opening) instead of following it. run() and
-        # open_rendezvous() import the same modules; Python's import lock makes them wait for it.
-        threading.Thread(target=_warm_imports, name="fourfold-imports", daemon=True).start()
+        # open_rendezvous() import the same modules, so they wait for this thread first (`_imported`):
+        # two threads importing torch.distributed at once can deadlock on its circular imports, which
+        # Python breaks by failing one of them with an ImportError (seen: a spare's prepare()).
+        self._imports = threading.Thread(target=_warm_imports, name="fourfold-imports", daemon=True)
+        self._imports.start()
+
+    def _imported(self) -> None:
+        self._imports.join()
 
     def where(self) -> dict[str, Any]:
         """This rank's node (Ray node id when under Ray), host address, process id, and the GPU ids
@@ -89,6 +95,7 @@ class RankRunner:
         address only (127.0.0.1 on a local cluster) and on a port the system picks, and handed to
         the store: a store left to bind by itself listens on every interface, and a free port
         looked up first and bound later (env://) can be taken by another process in between."""
+        self._imported()
         import torch.distributed as dist
 
         host = _host_address()
@@ -143,6 +150,7 @@ class RankRunner:
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
         )  # fmt: skip
+        self._imported()
         import torch
 
         from parallel.config import build_config
@@ -155,15 +163,15 @@ class RankRunner:
         beats = threading.Thread(target=self._beat_every, args=(min(2.0, hang_timeout_s / 5),), daemon=True)
         self._beat("starting")
         beats.start()
-        stopped, kept = False, None
+        stopped, kept, snaps = False, None, None
         try:
             cfg = build_config(spec, world_size=self.world_size)
             if storage is not None:  # a symlink swapped since the submission fails here, before any open
                 recheck(spec, Grant.from_dict(storage))
             while True:  # one pass per process-group generation: the first, then one per in-place recovery
                 try:
-                    self._join(cfg, master_addr, master_port, recovery, kept, marks)
-                    kept = None
+                    self._join(cfg, master_addr, master_port, recovery, kept, marks, snaps)
+                    kept = snaps = None
                     self._train(cfg)
                     break
                 except StopRequested:
@@ -173,9 +181,10 @@ class RankRunner:
                     if not cfg.restart.in_place or self._stop.is_set():
                         raise
                     kept = capture(self.trainer) or kept  # a pass that failed before its state was whole keeps the last
+                    snaps = getattr(self.trainer, "snapshots", None) or snaps  # likewise its in-memory snapshots
                     self._leave()
                     self.report({"kind": "lost", "rank": self.rank, "clean_step": kept.step if kept else None,
-                                 "time": time.time()})  # fmt: skip
+                                 "snapshots": snaps.report() if snaps else None, "time": time.time()})  # fmt: skip
                     recovery = self._await_rejoin(max(60.0, hang_timeout_s))
                     if recovery is None:  # the driver gave the in-place recovery up: the job restarts
                         raise
@@ -207,7 +216,7 @@ class RankRunner:
 
     def _join(
         self, cfg: Any, master_addr: str, master_port: int, recovery: dict[str, Any] | None, kept: Any,
-        marks: dict[str, float],
+        marks: dict[str, float], snaps: Any = None,
     ) -> None:  # fmt: skip
         """Join this generation's process groups and build the trainer: from the spec's checkpoint
         (the first generation), from the kept and received state, or from the newest checkpoint."""
@@ -228,10 +237,11 @@ class RankRunner:
         plan = RecoveryPlan.from_dict(recovery) if recovery is not None else None
         if plan is None:
             trainer = Trainer(cfg)
-        elif plan.path == "peer":
+        elif plan.path in ("peer", "snapshot"):
             trainer = Trainer(cfg, resume=False)
             _peer_fail_hook(plan, self.rank)
-            exchange(trainer, plan, kept)
+            own, held = (snaps.own, snaps.held[1] if snaps.held else None) if snaps else (None, None)
+            exchange(trainer, plan, kept, own, held)
         else:
             trainer = Trainer(cfg, resume="auto" if cfg.checkpoint.dir else False)
         marks["state"] = time.time()
@@ -308,6 +318,7 @@ class RankRunner:
     def prepare(self, spec: dict[str, Any]) -> None:
         """A warm spare's work ahead of time: the engine imported and the model built on the meta
         device once, so what run() repeats is cached or quick."""
+        self._imported()
         from parallel.config import build_config
         from parallel.parallelize import build_model
         from parallel.pipeline_parallel import stage_ids

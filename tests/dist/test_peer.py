@@ -41,13 +41,20 @@ def _worker(rank: int, world: int, ports: tuple[int, int], overrides: list[str],
     with contextlib.suppress(_Stop):
         trainer.run(on_step=lambda m: (history.append(m), _stop_after(3)(m)))
     kept = None if rank == lose else capture(trainer)
+    snaps = trainer.snapshots
+    reports: list = [None] * world
+    dist.all_gather_object(reports, snaps.report() if snaps else None)  # what the driver would collect
     trainer.close()
     dist.destroy_process_group()  # the old generation's groups are gone, as after a peer died
     os.environ["MASTER_PORT"] = str(ports[1])
     trainer = Trainer(cfg, resume=False)  # the seeded weights: what a new process starts from
-    plan = plan_recovery(cfg.parallel, {r: 3 for r in range(world) if r != lose})
-    assert plan.path == "peer", plan.reason
-    exchange(trainer, plan, kept)
+    survivors = [r for r in range(world) if r != lose]
+    plan = plan_recovery(
+        cfg.parallel, dict.fromkeys(survivors, 3), {r: reports[r] for r in survivors} if snaps else None
+    )
+    assert plan.path == ("snapshot" if snaps else "peer"), plan.reason
+    own, held = (snaps.own, snaps.held[1]) if snaps else (None, None)
+    exchange(trainer, plan, kept, own, held)
     trainer.run(on_step=history.append)
     weights = trainer.full_state_dict()
     if rank == 0:
@@ -81,6 +88,19 @@ def test_lost_rank_recovers_from_replica(
     got = torch.load(out, weights_only=False)
     assert [m["step"] for m in got["history"]] == [1, 2, 3, 4, 5, 6]
     assert any(dst == lose for _, dst in got["transfers"])
+    compare(reference, got)
+
+
+def test_lost_share_without_replica_comes_back_from_the_in_memory_snapshots(reference: dict, tmp_path: Path) -> None:
+    """ZeRO-1 over both dp ranks, snapshots every 2 steps: rank 1 loses everything after step 3; rank 0
+    holds rank 1's snapshot of step 2, both go back to it and train steps 3-6 again."""
+    out = str(tmp_path / "snap.pt")
+    layout = ["parallel.dp=2", "parallel.zero=1", "checkpoint.memory_every=2"]
+    mp.start_processes(_worker, args=(2, (free_port(), free_port()), layout, 1, out), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=False)
+    assert [m["step"] for m in got["history"]] == [1, 2, 3, 3, 4, 5, 6]
+    assert got["transfers"] == [(0, 1)]
+    got["history"] = [m for i, m in enumerate(got["history"]) if i != 2]  # the first step 3, trained again
     compare(reference, got)
 
 

@@ -141,6 +141,21 @@ def test_no_replica_of_the_lost_share_falls_back_to_the_checkpoint_in_place(
     _assert_losses(before + after, reference["zero1"])
 
 
+def test_no_replica_but_in_memory_snapshots_goes_back_to_the_snapshot_without_storage(
+    cluster, reference, tmp_path: Path, monkeypatch
+) -> None:
+    """The same ZeRO-1 job without checkpoints, with a snapshot every 2 steps (each rank's copy on the
+    other rank's node): rank 1 comes back from the copy rank 0 holds, both at step 4, step 5 again."""
+    cfg = _cfg("parallel.zero=1", "checkpoint.memory_every=2")
+    assert cfg.checkpoint.dir is None
+    _, before, after, records, pids, pids_after, _, _ = _killed_run(cfg, "snap", 5, tmp_path, monkeypatch)
+    (record,) = records
+    assert record["path"] == "snapshot" and record["step"] == 4, record
+    assert [m["step"] for m in after] == list(range(5, STEPS + 1))
+    assert pids_after[0] == pids[0]
+    _assert_losses(before + after, reference["zero1"])
+
+
 def test_a_warm_spare_takes_the_place_and_is_replenished(cluster, reference, tmp_path: Path, monkeypatch) -> None:
     cfg = _cfg("restart.spares=1")
     status, before, after, records, pids, pids_after, spares, spares_after = _killed_run(

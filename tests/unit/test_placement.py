@@ -155,3 +155,19 @@ def test_fractional_cpus_per_rank_give_several_slots_per_cpu() -> None:
 
     assert slots_of({"CPU": 2.0}, ResourcesConfig(cpus_per_rank=0.125)) == 16
     assert slots_of({"CPU": 2.0}, ResourcesConfig(cpus_per_rank=0.1)) == 20  # not 19 from float division
+
+
+def test_spares_go_on_the_jobs_nodes_first_and_count_in_the_bundles() -> None:
+    from parallel.config import ResourcesConfig
+    from workers.placement import bundles_of
+
+    plan = make_plan(_layout(dp=2, tp=2), _nodes([3, 3, 2]), spares=3)
+    assert {r.node for r in plan.ranks} == {"node-0", "node-1"}
+    assert plan.spares == ("node-0", "node-1", "node-2")  # room left on the job's nodes first, then others
+    held = dict(bundles_of(plan, ResourcesConfig(cpus_per_rank=1)))
+    assert held == {"node-0": {"CPU": 3}, "node-1": {"CPU": 3}, "node-2": {"CPU": 1}}
+
+
+def test_no_room_for_the_spares_is_refused_with_the_field() -> None:
+    with pytest.raises(PlacementError, match=r"restart.spares=2: the cluster has room for 1 spare\(s\)"):
+        make_plan(_layout(dp=2), _nodes([2, 1]), unit="CPU slots", spares=2)

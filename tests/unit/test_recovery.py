@@ -58,3 +58,33 @@ def test_phases_of_a_recovery_follow_the_moments_in_order() -> None:
     # a moment missing (no rank reported) or earlier than the one before (another node's clock) adds nothing
     skewed = phases_of({**marks, "imported": 11.5, "rendezvous": 14.5} | {"state": 0.0})
     assert skewed["imports"] == 0.0 and skewed["state"] == 0.0 and sum(skewed.values()) == pytest.approx(7.0)
+
+
+def _parallel(**kw: int):  # noqa: ANN202
+    from parallel.config import ParallelConfig
+
+    return ParallelConfig(**kw)
+
+
+def test_peer_plan_takes_the_newest_step_and_feeds_every_rank_behind_it() -> None:
+    from parallel.peer import plan_recovery
+
+    # dp=2 x tp=2: ranks 0 and 2 hold tp shard 0, ranks 1 and 3 shard 1. Rank 1 lost, rank 2 cut short
+    # in its update: each gets its shard's other replica's state at the newest step.
+    plan = plan_recovery(_parallel(dp=2, tp=2), {0: 7, 2: None, 3: 7})
+    assert (plan.path, plan.step, plan.transfers) == ("peer", 7, [(3, 1), (0, 2)])
+    # rank 3, rank 1's only replica, cut short too: nobody holds shard 1 at step 7
+    plan = plan_recovery(_parallel(dp=2, tp=2), {0: 7, 2: 7, 3: None})
+    assert plan.path == "checkpoint" and plan.reason.startswith("rank 1's state was lost"), plan.reason
+
+
+def test_plan_prefers_snapshots_to_the_checkpoint_and_says_when_they_do_not_cover() -> None:
+    from parallel.peer import plan_recovery
+
+    p = _parallel(dp=2, zero=1)
+    covered = {0: {"own": 4, "held": [1, 4]}}
+    plan = plan_recovery(p, {0: 5}, covered)
+    assert (plan.path, plan.step, plan.transfers) == ("snapshot", 4, [(0, 1)])
+    assert plan_recovery(p, {0: 5}, {0: {"own": 4, "held": [1, 2]}}).path == "checkpoint"  # copy too old
+    assert plan_recovery(p, {0: 5}, {0: {"own": None, "held": None}}).path == "checkpoint"
+    assert plan_recovery(p, {0: 5}).path == "checkpoint"
