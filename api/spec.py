@@ -44,10 +44,11 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def parse_spec(raw: bytes, content_type: str) -> tuple[dict[str, Any], int]:
+def parse_spec(raw: bytes, content_type: str, spares: int = 0) -> tuple[dict[str, Any], int]:
     """The body as a validated engine spec (normalised, defaults filled) and its priority. A spec
     that leaves checkpoint.dir out gets `checkpoint.dir: DEFAULT_DIR` (the job's own directory, once
-    confined); one that sets it to null has no checkpoints."""
+    confined); one that sets it to null has no checkpoints. One that leaves restart.spares out gets
+    `spares` (the service's FOURFOLD_SPARES)."""
     if len(raw) > MAX_BODY:
         raise _too_large(len(raw))
     if not raw.strip():
@@ -69,8 +70,9 @@ def parse_spec(raw: bytes, content_type: str) -> tuple[dict[str, Any], int]:
     priority = data.pop("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
         raise unprocessable(f"priority: must be an integer from -1000 to 1000 (got {priority!r})")
-    section = data.get("checkpoint")
+    section, restart = data.get("checkpoint"), data.get("restart")
     default_dir = not (isinstance(section, dict) and "dir" in section)
+    default_spares = not (isinstance(restart, dict) and "spares" in restart)
     try:
         cfg = build_config(data, strict=True)  # the types its schema (/openapi.json) says
     except ConfigError as err:
@@ -78,6 +80,8 @@ def parse_spec(raw: bytes, content_type: str) -> tuple[dict[str, Any], int]:
     spec = cfg.model_dump(mode="json", by_alias=True)
     if default_dir:
         spec["checkpoint"]["dir"] = DEFAULT_DIR
+    if default_spares:
+        spec["restart"]["spares"] = spares
     return spec, priority
 
 

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     """Largest train.steps a submitted job may ask for."""
     max_world_size: int = Field(4096, ge=1)
     """Largest number of ranks (dp x tp x pp x cp) a submitted job may ask for."""
+    spares: int = Field(0, ge=0, le=64)
+    """Warm spare processes for every job whose spec does not set restart.spares (docs/fault-tolerance.md)."""
     accelerator: str | None = Field(None, max_length=64)
     """The GPU the cluster's nodes have (h100-80gb, a100-80gb, ...), for the layout planner: Ray does not
     say which. A spec's plan.accelerator overrides it; CPU nodes are measured instead."""

@@ -57,7 +57,7 @@ async def submit(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
 ) -> JobPublic:
-    spec, priority = parse_spec(await read_body(request), request.headers.get("content-type", ""))
+    spec, priority = parse_spec(await read_body(request), request.headers.get("content-type", ""), settings.spares)
     check_limits(spec, settings)
     spec, notes = await run_in_threadpool(plan_at_submit, spec, settings, app_state.of(request.app).supervisor)
     check_limits(spec, settings)

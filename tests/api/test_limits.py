@@ -216,3 +216,14 @@ def test_audit_lists_who_did_what_from_where_for_admins_only(svc) -> None:
     assert denied.status_code == 403 and "admins only" in denied.json()["detail"]
     events = client.get(f"/v1/jobs/{job}/events", headers=ALICE).json()  # the owner sees them on the job too
     assert [e["actor"] for e in events if e["kind"] == "cancel"] == ["admin"]
+
+
+def test_the_services_spares_apply_where_a_spec_does_not_say(tmp_path: Path) -> None:
+    """FOURFOLD_SPARES: the default of restart.spares for specs that leave it out, never over one that sets it."""
+    with _client(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "svc", spares=2, **TOKENS) as client:
+        left_out = client.post("/v1/jobs", json=SPEC, headers=ALICE).json()
+        assert left_out["spec"]["restart"]["spares"] == 2
+        said = client.post("/v1/jobs", json={**SPEC, "restart": {"spares": 0}}, headers=ALICE).json()
+        assert said["spec"]["restart"]["spares"] == 0
+        bad = client.post("/v1/jobs", json={**SPEC, "restart": {"spares": -1}}, headers=ALICE)
+        assert bad.status_code == 422 and "restart.spares" in bad.text
