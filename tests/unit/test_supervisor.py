@@ -327,7 +327,7 @@ def test_a_restart_waits_for_rays_verdict_on_a_node_whose_ranks_stopped_answerin
 
 
 def test_a_node_still_alive_after_the_verdict_window_is_planned_on(store: Store, monkeypatch) -> None:
-    import service.supervisor as supervisor_module
+    import service.restarts as supervisor_module
 
     monkeypatch.setattr(supervisor_module, "NODE_VERDICT_S", 0.0)  # the window has passed at once
     sup = _supervisor(store, Cluster())
