@@ -178,8 +178,8 @@ class RankRunner:
                     raise
                 except Exception as err:
                     self._report_error(err)
-                    if not cfg.restart.in_place or self._stop.is_set():
-                        raise
+                    if not cfg.restart.in_place or self._stop.is_set() or not _peer_failure(err):
+                        raise  # an error of the rank's own ends the job at once: retrying in place would repeat it
                     kept = capture(self.trainer) or kept  # a pass that failed before its state was whole keeps the last
                     snaps = getattr(self.trainer, "snapshots", None) or snaps  # likewise its in-memory snapshots
                     self._leave()
@@ -334,6 +334,16 @@ def _warm_imports() -> None:
         import parallel.trainer  # noqa: F401
     except Exception:  # run() imports them again and reports what fails there
         pass
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """Whether a step failed because of a peer (a dead process, a collective or store cut off), which
+    an in-place recovery can mend, rather than because of this rank's own error."""
+    import torch.distributed as dist
+
+    text = str(err)
+    markers = ("gloo/transport", "Connection closed", "Connection reset", "Broken pipe", "NCCL", "TCPStore")
+    return isinstance(err, dist.DistError) or type(err).__name__ == "CommTimeout" or any(m in text for m in markers)
 
 
 def _peer_fail_hook(plan: Any, rank: int) -> None:
