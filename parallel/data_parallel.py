@@ -25,9 +25,8 @@ shards are additionally all-reduced across the dp_replicate replicas.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +37,8 @@ from torch.optim import AdamW
 
 from parallel.comms import watch
 from parallel.config import TrainConfig
+from parallel.flat_layout import FlatLayout, _local
 from parallel.tensor_parallel import is_tp_sharded
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states
 
@@ -63,40 +58,6 @@ def _adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], t: TrainConf
     """torch's AdamW with the run's hyper-parameters, weight decay on `decay` only."""
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-
-
-class FlatLayout:
-    """Where each trainable tensor's local elements sit in one virtual flat vector: end to end in
-    model order, padded to n_shards * shard_size, of which rank r owns [r*S, (r+1)*S)."""
-
-    def __init__(self, params: list[nn.Parameter], n_shards: int, rank: int) -> None:
-        ends = list(itertools.accumulate(_local(p).numel() for p in params))
-        self.spans = list(zip([0, *ends[:-1]], ends, strict=True))  # [a, b) of each parameter
-        self.n_shards = n_shards
-        self.shard_size = math.ceil(ends[-1] / n_shards)
-        self.size = self.shard_size * n_shards
-        self.lo = rank * self.shard_size
-
-    def owned(self) -> Iterator[tuple[int, slice, slice]]:
-        """(i, in_param, in_shard) for each parameter i with elements in this rank's shard: which of
-        its flattened local elements those are, and where they sit in the shard."""
-        hi = self.lo + self.shard_size
-        for i, (a, b) in enumerate(self.spans):
-            lo, up = max(self.lo, a), min(hi, b)
-            if lo < up:
-                yield i, slice(lo - a, up - a), slice(lo - self.lo, up - self.lo)
-
-    def pack(self, tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-        """(size,) the tensors' local elements in place; zeros for None and the padding."""
-        flat = torch.zeros(self.size, device=device)
-        for t, (a, b) in zip(tensors, self.spans, strict=True):
-            if t is not None:
-                flat[a:b] = _local(t).reshape(-1)
-        return flat
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each parameter's (numel,) slice of a whole flat vector, as views."""
-        return [flat[a:b] for a, b in self.spans]
 
 
 @dataclass

@@ -17,6 +17,7 @@ are done, so a failure in the middle leaves the previous one in place.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -48,8 +49,6 @@ class Snapshots:
         step = trainer.step  # type: ignore[attr-defined]
         if not self.every or step % self.every:
             return 0.0
-        import time
-
         start = time.perf_counter()
         self.take(trainer)
         return time.perf_counter() - start
