@@ -8,10 +8,12 @@ supervisor's metrics, and the refusal of query parameters a route does not take.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import state as app_state
@@ -22,6 +24,7 @@ from service.store import JobRecord, Store
 from service.tokens import Tokens, auth_required
 
 _bearer = HTTPBearer(auto_error=False)
+T = TypeVar("T")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_INT = 2**31 - 1  # what every integer column holds
 
@@ -37,19 +40,23 @@ class Caller:
         return None if self.admin else self.user
 
 
-def get_store(request: Request) -> Store:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` one in its thread pool, a hop
+# that costs more than the dependency itself. Those that query the store make one hop for it.
+
+
+async def get_store(request: Request) -> Store:
     return app_state.of(request.app).store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return app_state.of(request.app).settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return app_state.of(request.app).metrics
 
 
-def get_tokens(request: Request) -> Tokens:
+async def get_tokens(request: Request) -> Tokens:
     """The store's tokens table (made once per store and kept on the app; it caches no token)."""
     state = app_state.of(request.app)
     tokens = getattr(state, "tokens", None)
@@ -58,16 +65,24 @@ def get_tokens(request: Request) -> Tokens:
     return tokens
 
 
-def get_caller(
+async def get_caller(
     settings: Annotated[Settings, Depends(get_settings)],
     tokens: Annotated[Tokens, Depends(get_tokens)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """The bearer token's user (never from the URL: the browser's event stream uses a ticket, api/tickets.py)."""
     token = credentials.credentials if credentials is not None else None
-    # Environment tokens first (constant time, no query), then the store's, looked up on every request
-    # so that a revocation counts from the next one.
-    if token and ((who := settings.authenticate(token)) or (who := tokens.authenticate(token))):
+    # Environment tokens first (constant time, no query: on the event loop), then the store's, looked
+    # up on every request so that a revocation counts from the next one.
+    if token and (who := settings.authenticate(token)):
+        return Caller(who.user, admin=who.admin)
+    if token:  # a store token's lookup may write (last_used_at): in a thread
+        return await run_in_threadpool(_caller_from_store, settings, tokens, token)
+    return await read_store(tokens.store, _caller_from_store, settings, tokens, token)
+
+
+def _caller_from_store(settings: Settings, tokens: Tokens, token: str | None) -> Caller:
+    if token and (who := tokens.authenticate(token)):
         return Caller(who.user, admin=who.admin)
     # Any token in the store, even a revoked or expired one, keeps authentication on.
     if not auth_required(settings.auth_enabled, tokens):
@@ -79,6 +94,15 @@ def get_caller(
         f"{message} (send Authorization: Bearer <token>)",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+async def read_store(store: Store, read: Callable[..., T], *args: Any) -> T:
+    """`read(*args)`, a read of the store: on the event loop when the store is a local SQLite file (a
+    read there takes microseconds, less than the hop to a thread and back), in a thread when the
+    database is across a network (PostgreSQL), where a query waits on a round trip."""
+    if store.local:
+        return read(*args)
+    return await run_in_threadpool(read, *args)
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
@@ -97,15 +121,29 @@ def find_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
     return job
 
 
-def owned_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobRecord:
-    """The path's job, as the bearer token's caller may see it (the stream's: api/tickets.StreamJob)."""
-    return find_job(store, job_id, caller)
+async def owned_job(
+    job_id: str,
+    store: StoreDep,
+    settings: Annotated[Settings, Depends(get_settings)],
+    tokens: Annotated[Tokens, Depends(get_tokens)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> JobRecord:
+    """The path's job, as the bearer token's caller may see it (the stream's: api/tickets.StreamJob).
+    The caller is found as `get_caller` finds it, in the same hop to a thread as the job's query."""
+    token = credentials.credentials if credentials is not None else None
+    if token and (who := settings.authenticate(token)):
+        return await read_store(store, find_job, store, job_id, Caller(who.user, admin=who.admin))
+
+    def caller_then_job() -> JobRecord:
+        return find_job(store, job_id, _caller_from_store(settings, tokens, token))
+
+    return await (run_in_threadpool(caller_then_job) if token else read_store(store, caller_then_job))
 
 
 OwnedJob = Annotated[JobRecord, Depends(owned_job)]
 
 
-def known_query(request: Request) -> None:
+async def known_query(request: Request) -> None:
     """Refuse query parameters the route does not take, and repeated ones: `?status=RUNNING` for
     `?state=RUNNING` must not silently list everything."""
     route = request.scope.get("route")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, computed_field
+from pydantic import AliasChoices, BaseModel, Field, computed_field
 
 from service.states import TERMINAL, JobState
-from service.store import JobRecord, MetricRecord
+from service.store import JobSummaryRecord
 
 
 class JobSummary(BaseModel):
@@ -28,10 +28,11 @@ class JobSummary(BaseModel):
     cancel_requested: bool
     steps: int
     """train.steps of the spec: the step a finished job reaches."""
-    step: int | None = None
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    mfu: float | None = None
+    # The newest metrics; read from the store's row (`last_*`) when a list page is built from rows.
+    step: int | None = Field(None, validation_alias=AliasChoices("step", "last_step"))
+    loss: float | None = Field(None, validation_alias=AliasChoices("loss", "last_loss"))
+    tokens_per_s: float | None = Field(None, validation_alias=AliasChoices("tokens_per_s", "last_tokens_per_s"))
+    mfu: float | None = Field(None, validation_alias=AliasChoices("mfu", "last_mfu"))
 
     @computed_field
     @property
@@ -41,12 +42,14 @@ class JobSummary(BaseModel):
         return self.state in TERMINAL
 
     @classmethod
-    def of(cls, job: JobRecord, latest: MetricRecord | None = None) -> Any:
-        data = job.model_dump(exclude=set() if "spec" in cls.model_fields else {"spec"})
-        data["steps"] = job.spec.get("train", {}).get("steps", 0)
-        if latest is not None:
-            data.update(step=latest.step, loss=latest.loss, tokens_per_s=latest.tokens_per_s, mfu=latest.mfu)
-        return cls.model_validate(data)
+    def of(cls, job: JobSummaryRecord) -> Self:
+        """The API's view of a stored job (its spec too, for `JobPublic`). Built without validating
+        again: the store's record was validated when it was read."""
+        data = {name: getattr(job, name) for name in _FROM_RECORD}
+        data.update(step=job.last_step, loss=job.last_loss, tokens_per_s=job.last_tokens_per_s, mfu=job.last_mfu)
+        if "spec" in cls.model_fields:
+            data["spec"] = job.spec  # type: ignore[attr-defined]  # JobPublic.of takes a JobRecord
+        return cls.model_construct(**data)
 
 
 class JobPublic(JobSummary):
@@ -55,11 +58,17 @@ class JobPublic(JobSummary):
     spec: dict[str, Any]
 
 
+_FROM_RECORD = tuple(n for n in JobSummary.model_fields if n in JobSummaryRecord.model_fields)
+
+
 class JobList(BaseModel):
     items: list[JobSummary]
     total: int
+    """How many jobs match the filters."""
     limit: int
     offset: int
+    next: str | None = None
+    """The next page's cursor: pass it as `?after=` (None on the last page)."""
 
 
 class Health(BaseModel):

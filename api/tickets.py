@@ -20,7 +20,7 @@ import inspect
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -103,14 +103,14 @@ def book(app: FastAPI) -> TicketBook:
     return app_state.of(app).tickets
 
 
-def _or_refusal(dependency: Callable[..., Caller]) -> Callable[..., Caller | HTTPException]:
-    """`dependency` (the bearer header's `get_caller`, a plain function) with the same parameters, so
-    FastAPI resolves them as for any route, but handing back its 401 instead of raising it: a stream
+def _or_refusal(dependency: Callable[..., Awaitable[Caller]]) -> Callable[..., Awaitable[Caller | HTTPException]]:
+    """`dependency` (the bearer header's `get_caller`, a coroutine function) with the same parameters,
+    so FastAPI resolves them as for any route, but handing back its 401 instead of raising it: a stream
     opened with a ticket needs no header."""
 
-    def call(**kwargs: Any) -> Caller | HTTPException:
+    async def call(**kwargs: Any) -> Caller | HTTPException:
         try:
-            return dependency(**kwargs)
+            return await dependency(**kwargs)
         except HTTPException as err:
             if err.status_code != status.HTTP_401_UNAUTHORIZED:
                 raise

@@ -8,7 +8,8 @@ SQLite gets WAL, foreign keys and a 5 s busy timeout on every connection. A tran
 `writer(engine)` starts with BEGIN IMMEDIATE so that a read-then-write (a state transition) holds
 the write lock from its first read, the SQLite stand-in for PostgreSQL's SELECT ... FOR UPDATE;
 read-only transactions start with a plain BEGIN, so readers run side by side under WAL instead
-of queueing for the write lock. PostgreSQL URLs are rewritten to the psycopg 3 driver.
+of queueing for the write lock; `single_reads(engine)` reads one statement without a transaction
+around it. PostgreSQL URLs are rewritten to the psycopg 3 driver.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("fourfold_write") else "BEGIN")
+    options = conn.get_execution_options()
+    if options.get("fourfold_single"):
+        return  # one statement: SQLite's own implicit transaction around it is enough
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("fourfold_write") else "BEGIN")
 
 
 def writer(engine: Engine) -> Engine:
@@ -59,19 +63,37 @@ def writer(engine: Engine) -> Engine:
     return engine.execution_options(fourfold_write=True)
 
 
+POOL_SIZE = 32
+"""Connections kept open: as many as the API runs requests in threads at once (api/app.py gives its
+thread pool this many), so that a busy API does not open and close one per request; the supervisor's
+threads use the overflow."""
+_POOL = {"pool_size": POOL_SIZE, "max_overflow": 16}
+
+
+def single_reads(engine: Engine) -> Engine:
+    """The same engine (and pool) for reads of one statement: no BEGIN and COMMIT around it (on
+    PostgreSQL autocommit, on SQLite the statement's implicit transaction), two round trips fewer
+    for the reads every API call makes."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(fourfold_single=True)
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def make_engine(url: str) -> Engine:
     """An engine for a SQLite or PostgreSQL URL, set up as described in the module docstring."""
     parsed = normalise_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, **_POOL)
     database = parsed.database or ""
     memory = database in ("", ":memory:") or parsed.query.get("mode") == "memory"
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
     if memory:
         # One shared connection, or every pooled connection would see its own empty database.
         kwargs["poolclass"] = StaticPool
-    elif not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs.update(_POOL)
+        if not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, **kwargs)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)

@@ -76,6 +76,9 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_state_priority_created_at", "state", "priority", "created_at"),
+        # Newest first, everyone's or one owner's: what a page of GET /v1/jobs reads (keyset pagination).
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -93,6 +96,14 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     storage: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what the job may read and write (a Grant)
+    # Kept on the row so that a list page reads neither the specs nor the metrics table: train.steps,
+    # and the newest metrics (the newest attempt's highest step; Store.add_metrics keeps them).
+    steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_attempt: Mapped[int | None] = mapped_column(Integer)
+    last_step: Mapped[int | None] = mapped_column(Integer)
+    last_loss: Mapped[float | None] = mapped_column(Float)
+    last_tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    last_mfu: Mapped[float | None] = mapped_column(Float)
 
 
 class Attempt(Base):

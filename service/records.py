@@ -28,13 +28,14 @@ class _Record(BaseModel):
     model_config = ConfigDict(from_attributes=True, frozen=True)
 
 
-class JobRecord(_Record):
+class JobSummaryRecord(_Record):
+    """A job as a list page shows it: the row without its spec, with train.steps and the newest metrics."""
+
     id: str
     name: str
     owner: str
     priority: int
     state: JobState
-    spec: dict[str, Any]
     created_at: UTCTime
     updated_at: UTCTime
     started_at: UTCTime | None = None
@@ -42,6 +43,17 @@ class JobRecord(_Record):
     failure_reason: str | None = None
     attempts: int
     cancel_requested: bool
+    steps: int = 0
+    """train.steps of the spec."""
+    last_step: int | None = None
+    """The newest metrics (the newest attempt's highest step); None before the first step."""
+    last_loss: float | None = None
+    last_tokens_per_s: float | None = None
+    last_mfu: float | None = None
+
+
+class JobRecord(JobSummaryRecord):
+    spec: dict[str, Any]
     idempotency_key: str | None = None
     storage: dict[str, Any] | None = None
     """What the job may read and write (a `workers.confine.Grant` as a dict); None: not confined."""

@@ -15,31 +15,51 @@ machine forbids raise `service.states.InvalidTransition`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, func, select
+from pydantic import BaseModel
+from sqlalchemy import Select, and_, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.changes import Change
-from service.db import make_engine, session_factory, upgrade, writer
+from service.db import make_engine, session_factory, single_reads, upgrade, writer
 from service.models import Attempt, CheckpointRecord, Event, Job, LogLine, Metric, new_job_id, utcnow
 from service.quota import Quota, QuotaExceeded
-from service.records import AttemptRecord, CheckpointRecordOut, EventRecord, JobRecord, LogRecord, MetricRecord
+from service.records import (
+    AttemptRecord,
+    CheckpointRecordOut,
+    EventRecord,
+    JobRecord,
+    JobSummaryRecord,
+    LogRecord,
+    MetricRecord,
+)  # fmt: skip
 from service.states import ACTIVE, TERMINAL, AttemptOutcome, EventKind, JobState, check_transition
 
 __all__ = [
-    "AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "LogRecord", "MetricRecord", "Quota",
+    "AttemptRecord", "CheckpointRecordOut", "EventRecord", "JobRecord", "JobSummaryRecord", "LogRecord",
+    "MetricRecord", "Quota",
     "Change", "QuotaExceeded", "Store", "new_job_id",
 ]  # fmt: skip
 
 OUTCOMES = frozenset(AttemptOutcome)
+R = TypeVar("R", bound=BaseModel)
 _FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
+# A list page reads these columns only (no spec), as plain rows: no ORM objects to build.
+_SUMMARY = tuple(Job.__table__.c[name] for name in JobSummaryRecord.model_fields)
+_NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
+
+
+def train_steps(spec: dict[str, Any]) -> int:
+    """train.steps of a spec (0 when it has none): kept on the job row for list pages."""
+    return int((spec.get("train") or {}).get("steps") or 0)
 
 
 class Store:
@@ -50,14 +70,23 @@ class Store:
         upgrade(self.engine)
         self._sessions = session_factory(writer(self.engine))
         self._read_sessions = session_factory(self.engine)
+        self._single = single_reads(self.engine)
+        self.local = self.engine.dialect.name == "sqlite"
+        """A database file on this machine (SQLite), not a server across a network."""
+        self._writers: AbstractContextManager[Any] = threading.RLock() if self.local else nullcontext()
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        """A session inside one writing transaction: committed on success, rolled back on an exception."""
-        with self._sessions.begin() as session:
+        """A session inside one writing transaction: committed on success, rolled back on an exception.
+
+        On SQLite the threads of this process take turns at a lock first: one writer at a time holds
+        the database's write lock anyway, and a thread that finds it taken would poll for it (SQLite's
+        busy handler sleeps 1, 2, 5, ... 100 ms between tries), where the lock hands over at once.
+        Writers in other processes (the CLI) still meet the busy timeout."""
+        with self._writers, self._sessions.begin() as session:
             yield session
 
     @contextmanager
@@ -102,7 +131,7 @@ class Store:
             return existing, False
         now = utcnow()
         job = Job(id=job_id or new_job_id(), name=name, owner=owner, priority=priority, state=JobState.QUEUED.value)
-        job.spec, job.storage = spec, storage
+        job.spec, job.storage, job.steps = spec, storage, train_steps(spec)
         job.created_at = job.updated_at = now
         job.attempts, job.cancel_requested, job.idempotency_key = 0, False, idempotency_key
         try:
@@ -130,9 +159,17 @@ class Store:
         return self._first(select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key))
 
     def _first(self, query: Select[tuple[Job]]) -> JobRecord | None:
-        with self._read() as session:
-            job = session.scalars(query.limit(1)).first()
-            return None if job is None else JobRecord.model_validate(job)
+        # A job is read on every API call about it: one statement, no transaction, no session, and the
+        # table's columns as a plain row (no ORM object).
+        with self._single.connect() as conn:
+            result = conn.execute(query.with_only_columns(*Job.__table__.c).limit(1))
+            row = result.first()
+        return None if row is None else JobRecord.model_validate(dict(zip(result.keys(), row, strict=True)))
+
+    def scalar(self, query: Select[Any]) -> Any:
+        """The first column of the first row of one read-only statement (no transaction around it)."""
+        with self._single.connect() as conn:
+            return conn.execute(query).scalar()
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """The job, or None when there is none (or, with `owner` given, it belongs to someone else)."""
@@ -142,18 +179,35 @@ class Store:
         return self._first(query)
 
     def list_jobs(
-        self, owner: str | None = None, state: JobState | None = None, limit: int = 50, offset: int = 0
-    ) -> tuple[list[JobRecord], int]:
-        """One page of jobs, newest first, and the number of jobs matching the filters."""
+        self,
+        owner: str | None = None,
+        state: JobState | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        after: tuple[datetime, str] | None = None,
+        record: type[R] = JobSummaryRecord,  # type: ignore[assignment]
+    ) -> tuple[list[R], int]:
+        """One page of jobs, newest first, and the number of jobs matching the filters.
+
+        `after` (created_at, id) of the last job of the previous page starts the page right after it
+        (keyset pagination: an index range, however deep the page); `offset` skips that many jobs.
+        Each row is validated into `record` (a model that reads `JobSummaryRecord`'s fields: the API
+        builds its page from the rows in one step)."""
         where = []
         if owner is not None:
             where.append(Job.owner == owner)
         if state is not None:
             where.append(Job.state == JobState(state).value)
-        with self._read() as session:
-            total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
-            query = select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
-            return [JobRecord.model_validate(job) for job in session.scalars(query)], total
+        count = select(func.count()).select_from(Job).where(*where)
+        if after is not None:
+            where.append(tuple_(Job.created_at, Job.id) < tuple_(*after))
+        query = select(*_SUMMARY).where(*where).order_by(*_NEWEST_FIRST).limit(limit).offset(offset)
+        with self.engine.connect() as conn, conn.begin():  # Core, no session: plain rows, one transaction
+            total = conn.execute(count).scalar() or 0
+            result = conn.execute(query)
+            names, rows = tuple(result.keys()), result.all()
+        # Plain dicts: pydantic validates one several times faster than a RowMapping.
+        return [record.model_validate(dict(zip(names, row, strict=True))) for row in rows], total
 
     def transition(self, job_id: str, new: JobState, reason: str) -> JobRecord:
         """Move a job to `new` (checked against the state machine under a row lock) and record the event."""
@@ -208,7 +262,7 @@ class Store:
             for kind, message in change.events:
                 session.add(Event(job_id=job_id, time=now, kind=EventKind(kind).value, message=message))
             if change.spec is not None:
-                job.spec = change.spec
+                job.spec, job.steps = change.spec, train_steps(change.spec)
             for state, reason in change.states:
                 self._apply(session, job, JobState(state), reason)
             number = None
@@ -331,11 +385,18 @@ class Store:
             return
         now = utcnow()
         values = [_metric_values(job_id, row, attempt, now) for row in rows]
+        newest = max(values, key=lambda v: v["step"])
         with self._tx() as session:
-            self._require_job(session, job_id)
+            last = session.execute(select(Job.last_attempt, Job.last_step).where(Job.id == job_id)).first()
+            if last is None:
+                raise KeyError(job_id)
             insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
             stmt = insert(Metric).on_conflict_do_nothing(index_elements=["job_id", "step", "attempt"])
             session.execute(stmt, values)
+            if (attempt, newest["step"]) >= (last.last_attempt or 0, last.last_step or 0):
+                # The job row keeps the newest metrics (newest attempt, highest step) for list pages.
+                latest = {f"last_{k}": newest[k] for k in ("step", "loss", "tokens_per_s", "mfu")}
+                session.execute(update(Job).where(Job.id == job_id).values(last_attempt=int(attempt), **latest))
 
     def metrics(self, job_id: str, after_step: int = 0, limit: int = 10000) -> list[MetricRecord]:
         """Metrics of steps after `after_step`, by step; a step logged by several attempts gives the newest."""
@@ -354,20 +415,6 @@ class Store:
         )
         with self._read() as session:
             return [MetricRecord.model_validate(m) for m in session.scalars(query)]
-
-    def latest_metrics(self, job_ids: list[str]) -> dict[str, MetricRecord]:
-        """The newest step's metrics of each job that has any (one query for a page of jobs)."""
-        if not job_ids:
-            return {}
-        newest = (
-            select(Metric.job_id, func.max(Metric.id).label("id"))
-            .where(Metric.job_id.in_(job_ids))
-            .group_by(Metric.job_id)
-            .subquery()
-        )
-        query = select(Metric).join(newest, Metric.id == newest.c.id)
-        with self._read() as session:
-            return {m.job_id: MetricRecord.model_validate(m) for m in session.scalars(query)}
 
     def add_event(self, job_id: str, kind: str, message: str) -> EventRecord:
         with self._tx() as session:

@@ -136,6 +136,7 @@ class Tokens:
         self.store = store
         # The store's own transactions (a writing one takes SQLite's write lock up front).
         self._tx, self._read = store._tx, store._read
+        self._any = False  # any_exist() once it was true
 
     def create(
         self,
@@ -221,9 +222,11 @@ class Tokens:
         return status
 
     def any_exist(self) -> bool:
-        """Whether any token was ever made, revoked and expired ones included: then the API wants one."""
-        with self._read() as session:
-            return session.scalar(select(Token.id).limit(1)) is not None
+        """Whether any token was ever made, revoked and expired ones included: then the API wants one.
+        Once true it stays true (rows are never deleted), so it is asked of the store until then only."""
+        if not self._any:
+            self._any = self.store.scalar(select(Token.id).limit(1)) is not None
+        return self._any
 
     def _lookup(self, token: str) -> TokenRecord | None:
         if not token or len(token) > _MAX_TOKEN_LEN:

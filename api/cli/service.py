@@ -59,7 +59,7 @@ def up(
     pid_file.write_text(str(os.getpid()))
     typer.echo(f"fourfold: dashboard at {url}  (store: {settings.db_url})", err=False)
     try:
-        uvicorn.run(create_app(settings, supervise=True), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(settings, supervise=True), host=host, port=port, log_level="warning", access_log=False)
     finally:
         pid_file.unlink(missing_ok=True)
 

@@ -17,16 +17,20 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
 from api import state as app_state
-from api.deps import CallerDep, OwnedJob, Position, SettingsDep, StoreDep, known_query
+from api.cursor import PATTERN as CURSOR
+from api.cursor import decode_cursor, encode_cursor
+from api.deps import Caller, CallerDep, OwnedJob, Position, SettingsDep, StoreDep, known_query, read_store
 from api.errors import error_response, error_responses, unprocessable
+from api.etag import json_response
 from api.openapi import job_links, job_spec_body, stream_events, ticket_security
 from api.schemas import JobList, JobPublic, JobSummary
 from api.spec import DEFAULT_DIR, check_limits, parse_spec, plan_at_submit, read_body
 from api.tickets import StreamJob, StreamTicket, book
 from service.quota import Quota, QuotaExceeded
+from service.settings import Settings
 from service.states import TERMINAL, JobState
 from service.store import AttemptRecord, EventRecord, LogRecord, MetricRecord, new_job_id
-from workers.confine import StorageRefused, confine_spec
+from workers.confine import Grant, StorageRefused, confine_spec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(known_query)])
 _ABOUT_A_JOB = error_responses(404, 422, auth=True)  # a job route: no such job, a bad query, no token
@@ -61,13 +65,10 @@ async def submit(
     check_limits(spec, settings)
     spec, notes = await run_in_threadpool(plan_at_submit, spec, settings, app_state.of(request.app).supervisor)
     check_limits(spec, settings)
-    earlier = await run_in_threadpool(store.job_by_key, caller.user, idempotency_key)
+    planned = spec
+    earlier = await read_store(store, store.job_by_key, caller.user, idempotency_key)
     job_id = earlier.id if earlier is not None else new_job_id()
-    grant = settings.storage_policy().grant(caller.user, job_id, admin=caller.admin)
-    try:
-        spec = confine_spec(spec, grant, default_dir=spec["checkpoint"]["dir"] == DEFAULT_DIR)
-    except StorageRefused as err:
-        raise unprocessable(str(err)) from None
+    spec, grant = _confined(planned, settings, caller, job_id)
     quota = Quota(settings.quota_ranks, settings.quota_queued, settings.quota_submits_per_minute)
     address = request.client.host if request.client else None
     try:
@@ -79,6 +80,8 @@ async def submit(
         retry = {"Retry-After": str(err.retry_after)}
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"{err.message} ({err.limit})", headers=retry) from None
     if not created:
+        if job.id != job_id:  # a submission with the same key committed first: its job's paths
+            spec, grant = _confined(planned, settings, caller, job.id)
         if (job.spec, job.priority) != (spec, priority):  # the same key for another job is a client bug
             raise unprocessable(
                 f"Idempotency-Key: {idempotency_key!r} was used for job {job.id} with a different spec or priority; "
@@ -90,6 +93,16 @@ async def submit(
     return JobPublic.of(job)
 
 
+def _confined(spec: dict, settings: Settings, caller: Caller, job_id: str) -> tuple[dict, Grant]:
+    """The spec with its storage confined to what the caller may use for job `job_id` (its paths name
+    the job), and that grant; a 422 for storage the caller may not use."""
+    grant = settings.storage_policy().grant(caller.user, job_id, admin=caller.admin)
+    try:
+        return confine_spec(spec, grant, default_dir=spec["checkpoint"]["dir"] == DEFAULT_DIR), grant
+    except StorageRefused as err:
+        raise unprocessable(str(err)) from None
+
+
 @router.get(
     "",
     response_model=JobList,
@@ -97,16 +110,26 @@ async def submit(
     summary="List jobs, newest first",
     responses=error_responses(422, auth=True),
 )
-def list_jobs(
+async def list_jobs(
+    request: Request,
     store: StoreDep,
     caller: CallerDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Position = 0,
-) -> JobList:
-    jobs, total = store.list_jobs(owner=caller.owner_filter, state=state, limit=limit, offset=offset)
-    latest = store.latest_metrics([j.id for j in jobs])
-    return JobList(items=[JobSummary.of(j, latest.get(j.id)) for j in jobs], total=total, limit=limit, offset=offset)
+    after: Annotated[str | None, Query(pattern=CURSOR, description="`next` of the previous page")] = None,
+) -> Response:
+    """A page of jobs, newest first. Page on with `?after=` and the `next` cursor of the page before
+    (an index range however deep the page); `offset` skips jobs (after the cursor, with both).
+    `ETag`/`If-None-Match` answer an unchanged page with 304."""
+    position = decode_cursor(after) if after is not None else None
+    # One more than the page: whether a next page exists.
+    jobs, total = await read_store(
+        store, store.list_jobs, caller.owner_filter, state, limit + 1, offset, position, JobSummary
+    )
+    more, jobs = len(jobs) > limit, jobs[:limit]
+    page = JobList(items=jobs, total=total, limit=limit, offset=offset, next=encode_cursor(jobs[-1]) if more else None)
+    return json_response(request, page)
 
 
 @router.get(
@@ -116,8 +139,9 @@ def list_jobs(
     summary="One job",
     responses=_ABOUT_A_JOB,
 )
-def get_job(job: OwnedJob, store: StoreDep) -> JobPublic:
-    return JobPublic.of(job, store.latest_metrics([job.id]).get(job.id))
+async def get_job(job: OwnedJob, request: Request) -> Response:
+    """The job with its spec and newest metrics; `ETag`/`If-None-Match` answer an unchanged one with 304."""
+    return json_response(request, JobPublic.of(job))
 
 
 @router.post(

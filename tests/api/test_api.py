@@ -113,7 +113,7 @@ def test_odd_bodies_are_refused_not_500(open_api: TestClient, case: str) -> None
         ("/v1/jobs", {"offset": 10**20}, "less than or equal to 2147483647"),
         ("/v1/jobs/{id}/metrics", {"after_step": 10**20}, "less than or equal to 2147483647"),
         ("/v1/jobs/{id}/events", {"after_id": 2**63}, "less than or equal to 2147483647"),
-        ("/v1/jobs", {"status": "RUNNING"}, "query: unknown parameter status; valid: limit, offset, state"),
+        ("/v1/jobs", {"status": "RUNNING"}, "query: unknown parameter status; valid: after, limit, offset, state"),
         ("/v1/jobs", [("state", "QUEUED"), ("state", "RUNNING")], "query: state given more than once"),
     ],
     ids=["huge-offset", "huge-step", "huge-id", "unknown-param", "repeated-param"],
@@ -145,6 +145,58 @@ def test_idempotency_key_gives_one_job(open_api: TestClient) -> None:
     assert other.status_code == 422 and "was used for job " + first.json()["id"] in other.json()["detail"]
     empty = open_api.post("/v1/jobs", json=SPEC, headers={"Idempotency-Key": ""})
     assert empty.status_code == 422
+
+
+def test_idempotency_key_race_gives_the_first_job(open_api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two submissions with one key at once: both miss the key, the second's insert loses to the
+    first's. It answers 200 with the first's job (whose paths name that job), not a 422."""
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = open_api.post("/v1/jobs", json=SPEC, headers=key).json()
+    store = open_api.app.state.store
+    real, misses = store.job_by_key, [None, None]  # the route's look-up and create_job's own miss it
+    monkeypatch.setattr(store, "job_by_key", lambda *a: misses.pop() if misses else real(*a))
+    raced = open_api.post("/v1/jobs", json=SPEC, headers=key)
+    assert raced.status_code == 200, raced.text
+    assert raced.json()["id"] == first["id"] and raced.json()["spec"] == first["spec"]
+    assert open_api.get("/v1/jobs", params={"limit": 500}).json()["total"] == store.list_jobs()[1]
+
+
+def test_list_pages_by_cursor_and_etag(open_api: TestClient) -> None:
+    made = [open_api.post("/v1/jobs", json={**SPEC, "name": f"page-{i}"}).json()["id"] for i in range(5)]
+    seen, after = [], None
+    while True:
+        page = open_api.get("/v1/jobs", params={"limit": 2, **({"after": after} if after else {})})
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+        seen += [j["id"] for j in page.json()["items"]]
+        if not (after := page.json()["next"]):
+            break
+    total = page.json()["total"]
+    assert len(seen) == len(set(seen)) == total and seen[:5] == made[::-1]  # newest first, each once
+    assert open_api.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()["items"][0]["id"] == made[2]
+    first = open_api.get("/v1/jobs", params={"limit": 2})
+    tag = first.headers["etag"]
+    again = open_api.get("/v1/jobs", params={"limit": 2}, headers={"If-None-Match": f'W/{tag}, "other"'})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag
+    newer = open_api.post("/v1/jobs", json=SPEC).json()["id"]  # the page changed: a new tag and the page
+    changed = open_api.get("/v1/jobs", params={"limit": 2}, headers={"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.json()["items"][0]["id"] == newer
+    job = open_api.get(f"/v1/jobs/{newer}")
+    assert open_api.get(f"/v1/jobs/{newer}", headers={"If-None-Match": job.headers["etag"]}).status_code == 304
+    open_api.post(f"/v1/jobs/{newer}/cancel")
+    assert open_api.get(f"/v1/jobs/{newer}", headers={"If-None-Match": job.headers["etag"]}).status_code == 200
+    bad = open_api.get("/v1/jobs", params={"after": "not-a-cursor"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("query.after:")
+
+
+def test_list_shows_the_newest_metrics(open_api: TestClient) -> None:
+    job = open_api.post("/v1/jobs", json=SPEC).json()["id"]
+    store = open_api.app.state.store
+    store.add_metrics(job, [{"step": s, "loss": 5.0 - s, "mfu": 0.1} for s in (1, 2, 3)], attempt=1)
+    store.add_metrics(job, [{"step": 1, "loss": 9.0}], attempt=2)  # a restart trains step 1 again
+    store.add_metrics(job, [{"step": 2, "loss": 7.0}], attempt=1)  # a late repeat of an old step: ignored
+    item = next(j for j in open_api.get("/v1/jobs", params={"limit": 500}).json()["items"] if j["id"] == job)
+    assert (item["step"], item["loss"], item["mfu"]) == (1, 9.0, None)
+    assert open_api.get(f"/v1/jobs/{job}").json()["loss"] == 9.0
 
 
 def test_cancel_a_queued_job(open_api: TestClient) -> None:
