@@ -26,7 +26,6 @@ from api.deps import MetricsDep, StoreDep
 from api.routes import audit, cluster, jobs, plan
 from api.schemas import Health
 from api.tickets import TicketBook
-from service.db import POOL_SIZE
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
@@ -38,9 +37,9 @@ def create_app(settings: Settings | None = None, supervise: bool = False, store:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app_state.of(app)
-        # Requests that query the store run in anyio's thread pool: no more at once than the store keeps
-        # connections for (a request past the pool would open and close its own).
-        to_thread.current_default_thread_limiter().total_tokens = POOL_SIZE
+        # Requests that wait on the store run in anyio's thread pool, settings.api_threads at once (fewer
+        # than the store keeps connections for: a request past the pool would open and close its own).
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         state.store = store or Store(settings.db_url)
         prepare_storage(settings)
         state.supervisor = None

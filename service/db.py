@@ -63,10 +63,10 @@ def writer(engine: Engine) -> Engine:
     return engine.execution_options(fourfold_write=True)
 
 
-POOL_SIZE = 32
-"""Connections kept open: as many as the API runs requests in threads at once (api/app.py gives its
-thread pool this many), so that a busy API does not open and close one per request; the supervisor's
-threads use the overflow."""
+POOL_SIZE = 16
+"""Connections kept open: more than the API runs requests in threads at once (Settings.api_threads),
+so that a busy API does not open and close one per request; the supervisor's threads use the rest
+and the overflow."""
 _POOL = {"pool_size": POOL_SIZE, "max_overflow": 16}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.db import normalise_url
+from service.db import POOL_SIZE, normalise_url
 from service.tokens import Identity, check_user_name, hash_token
 from workers.confine import Policy
 
@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     port: int = 8000
     poll_s: float = 0.5
     """How often the supervisor looks at queued and running jobs."""
+    api_threads: int = Field(4, ge=1, le=POOL_SIZE)
+    """Requests that wait on the database in threads at once (FOURFOLD_API_THREADS): on a few cores
+    more threads only contend for the interpreter (measured: docs/performance.md); a database far
+    across a network may want more. Reads of a local SQLite file run on the event loop instead."""
     data_roots: str = ""
     """Comma-separated local directories or fsspec URLs (s3://bucket/prefix) jobs may read; default:
     data_dir/data. The named corpora (`stdlib`) are always readable."""

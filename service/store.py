@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -74,6 +75,8 @@ class Store:
         self.local = self.engine.dialect.name == "sqlite"
         """A database file on this machine (SQLite), not a server across a network."""
         self._writers: AbstractContextManager[Any] = threading.RLock() if self.local else nullcontext()
+        self.tokens_seen = SimpleNamespace(any=False, checked=-1e9)
+        """Whether a token exists, and when the store was last asked (service.tokens.Tokens.any_exist)."""
 
     def close(self) -> None:
         self.engine.dispose()

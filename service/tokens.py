@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -36,6 +37,7 @@ TOKEN_PREFIX = "ff_"
 PREFIX_LEN = 8
 """How many leading characters of a token are kept in clear to name it: `ff_` and 5 random ones."""
 _MAX_TOKEN_LEN = 512  # longer input is no token of ours; do not hash megabytes of it
+ANY_TOKEN_RECHECK_S = 1.0  # how stale any_exist() may be while no token exists
 _LAST_USED_EVERY = timedelta(minutes=1)  # write last_used_at at most this often per token
 
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -136,7 +138,6 @@ class Tokens:
         self.store = store
         # The store's own transactions (a writing one takes SQLite's write lock up front).
         self._tx, self._read = store._tx, store._read
-        self._any = False  # any_exist() once it was true
 
     def create(
         self,
@@ -170,7 +171,9 @@ class Tokens:
         with self._tx() as session:
             session.add(row)
             session.flush()
-            return token, TokenRecord.model_validate(row)
+            record = TokenRecord.model_validate(row)
+        self.store.tokens_seen.any = True
+        return token, record
 
     def list(self) -> list[TokenRecord]:
         """Every token ever made (revoked and expired ones too), oldest first."""
@@ -223,10 +226,15 @@ class Tokens:
 
     def any_exist(self) -> bool:
         """Whether any token was ever made, revoked and expired ones included: then the API wants one.
-        Once true it stays true (rows are never deleted), so it is asked of the store until then only."""
-        if not self._any:
-            self._any = self.store.scalar(select(Token.id).limit(1)) is not None
-        return self._any
+
+        Once true it stays true (rows are never deleted), so the store is asked only until then, and
+        at most once a second: a token made in this process counts at once, one made by another
+        process (`fourfold token create` beside a running service) within a second."""
+        seen = self.store.tokens_seen
+        if not seen.any and time.monotonic() - seen.checked >= ANY_TOKEN_RECHECK_S:
+            seen.any = self.store.scalar(select(Token.id).limit(1)) is not None
+            seen.checked = time.monotonic()
+        return seen.any
 
     def _lookup(self, token: str) -> TokenRecord | None:
         if not token or len(token) > _MAX_TOKEN_LEN:
