@@ -50,8 +50,11 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# Every comparison of docs/performance.md in one run, and the page written from it (bench/report.py;
+# BENCH_ARGS="--database-url postgresql://..." adds the PostgreSQL rows, "--quick" shortens the runs).
 bench: setup
-	$(BIN)/python bench/engine_bench.py --preset debug $(BENCH_ARGS)
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -q -e '.[bench]'
+	$(DIST_ENV) $(BIN)/python bench/report.py $(BENCH_ARGS)
 
 # What the CPU suite cannot run, on a machine with CUDA: fp32 parity with the CPU, every layout over
 # NCCL in bf16 and fp32, ZeRO peak memory against the formulas, MFU of the 1b preset. Without CUDA

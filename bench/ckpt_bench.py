@@ -5,7 +5,11 @@ AdamW states exist, then measures, all in this one run and on the same directory
 
 - raw: writing the checkpoint's byte count to a plain file in 4 MiB blocks, then fsync;
 - sync: `Checkpointer.save` with checkpoint.async off (write every shard, fsync, commit);
-- async: the time `save` blocks training (staging a copy in memory) and the time until committed.
+- async: how much longer the save and the next step take than a step without a save (the copy to
+  memory runs beside that step's forward and backward; its update waits for the copy), and the
+  time until committed.
+
+Raw writes and saves are interleaved, `--repeats` times; medians are reported.
 
     python bench/ckpt_bench.py --preset debug --repeats 3 --dir /tmp/fourfold-ckpt-bench
 """
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = {
         "model": {"preset": args.preset},
-        "train": {"steps": 1, "global_batch": 2, "micro_batch": 2, "seq_len": 64},
+        "train": {"steps": 1000, "global_batch": 2, "micro_batch": 2, "seq_len": 64},
         "data": {"source": "synthetic"},
         # Keep every save, so the timings hold writing and committing only (no retention deletes).
         "checkpoint": {"dir": str(ckpt_dir), "keep_last": 2 * args.repeats + 1},
@@ -65,20 +69,32 @@ def main(argv: list[str] | None = None) -> int:
     cfg = trainer.cfg
     extra = trainer.checkpoint_meta()
 
-    step = 0
-    sync_s, async_block_s, async_total_s = [], [], []
-    for _ in range(args.repeats):
-        step += 1
+    def timed_step() -> float:
+        start = time.perf_counter()
+        trainer.train_step()
+        return time.perf_counter() - start
+
+    plain_step_s = [timed_step() for _ in range(3)]
+    size = 0
+    raw_s, sync_s, async_block_s, async_call_s, async_total_s = [], [], [], [], []
+    for _ in range(args.repeats):  # interleaved: the disk's state changes from one write to the next
+        step = trainer.step
         cfg.checkpoint.async_ = False
         sync_s.append(ck.save(step, extra))
-        step += 1
+        size = list_checkpoints(str(ckpt_dir))[-1].size_bytes
+        raw_s.append(raw_write(root / "raw.bin", size))
+        plain_step_s.append(timed_step())
+        # Asynchronous: what the save and the next step (which waits for the copy before its update)
+        # take beyond a step without a save.
         cfg.checkpoint.async_ = True
         start = time.perf_counter()
-        async_block_s.append(ck.save(step, extra))
+        blocked = ck.save(trainer.step, extra)
+        with_save = blocked + timed_step()
         ck.finish()
         async_total_s.append(time.perf_counter() - start)
-    size = list_checkpoints(str(ckpt_dir))[-1].size_bytes
-    raw_s = [raw_write(root / "raw.bin", size) for _ in range(args.repeats)]
+        async_call_s.append(blocked)
+        async_block_s.append(max(0.0, with_save - statistics.median(plain_step_s)))
+        plain_step_s.append(timed_step())
     trainer.close()
 
     med = statistics.median
@@ -87,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw sequential write + fsync : {med(raw_s) * 1e3:8.1f} ms  {mib / med(raw_s):8.1f} MiB/s")
     print(f"sync save (write+fsync+commit): {med(sync_s) * 1e3:8.1f} ms  {mib / med(sync_s):8.1f} MiB/s")
     print(
-        f"async save: blocked {med(async_block_s) * 1e3:.1f} ms "
-        f"({med(async_block_s) / med(sync_s):.0%} of sync), committed after {med(async_total_s) * 1e3:.1f} ms"
+        f"async save: training blocked {med(async_block_s) * 1e3:.1f} ms "
+        f"({med(async_block_s) / med(sync_s):.0%} of sync; the save call {med(async_call_s) * 1e3:.1f} ms, "
+        f"the rest the next step slowed by the copy and the write beside it), "
+        f"committed after {med(async_total_s) * 1e3:.1f} ms"
     )
+    print(f"step without a save: {med(plain_step_s) * 1e3:.1f} ms")
     print(f"sync save speed / raw write speed: {med(raw_s) / med(sync_s):.2f}")
     if args.dir is None:
         shutil.rmtree(root)

@@ -14,6 +14,11 @@ What is saved is layout-independent: every parameter and its AdamW states under
 the parameter's whole-model name, as DTensors (or whole tensors) that DCP
 reshards on load. A checkpoint saved at one layout therefore loads at any other.
 Each rank's random generators are saved under its rank.
+
+An asynchronous save (checkpoint.async) blocks training for almost nothing: DCP's stager copies the
+state to host memory in a background thread while the next step's forward and backward run (they
+read the parameters, never write them), the trainer waits for that copy only before the next
+optimizer update (`before_update`), and the write to storage runs in another thread after it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from parallel.ckpt_storage import (  # the storage side, re-exported for the engine's callers
     CheckpointError,
@@ -123,6 +130,8 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")
         self.poll_group = dist.new_group(backend="gloo")
         self.pending: tuple[Future, int, dict[str, Any]] | None = None
+        self.staging: Future | None = None  # the pending save's copy to host memory
+        self._stager: DefaultStager | None = None  # made at the first asynchronous save, reused
         self.saved_step: int | None = None  # the newest step this run committed
 
     def _state(self) -> dict[str, Any]:
@@ -148,8 +157,12 @@ class Checkpointer:
         meta = {"step": step, **extra, "rng": {"ranks": dist.get_world_size(), "kinds": sorted(_rng_state())}}
         try:
             if self.cfg.checkpoint.async_ and not wait:
-                future = dcp.async_save(self._state(), storage_writer=writer(staged), process_group=self.group)
-                self.pending = (future, step, meta)
+                saving = dcp.async_save(
+                    self._state(), storage_writer=writer(staged), process_group=self.group, async_stager=self.stager()
+                )
+                if isinstance(saving, AsyncSaveResponse):  # staging in the background: see before_update
+                    self.staging, saving = saving.staging_completion, saving.upload_completion
+                self.pending = (saving, step, meta)
             else:
                 dcp.save(self._state(), storage_writer=writer(staged), process_group=self.group)
                 self._commit(step, meta)
@@ -159,8 +172,40 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {staged}: writing failed ({last_line(err)})") from err
         return time.perf_counter() - start
 
+    def stager(self) -> DefaultStager:
+        """DCP's stager that copies the state to host memory in a background thread (pinned memory and
+        non-blocking copies from a GPU); one for the run, so its buffers are reused."""
+        if self._stager is None:
+            cuda = any(p.is_cuda for _, p in self.named[:1])
+            options = StagingOptions(
+                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
+            )
+            self._stager = DefaultStager(options)
+        return self._stager
+
+    def before_update(self) -> float:
+        """Wait until the pending asynchronous save holds its copy of the state (the optimizer is about
+        to change the parameters and its states); returns the seconds waited."""
+        if self.staging is None:
+            return 0.0
+        start, staging, self.staging = time.perf_counter(), self.staging, None
+        try:
+            staging.result()
+        except (Exception, CheckpointException) as err:
+            step = self.pending[1] if self.pending else "?"
+            raise CheckpointError(f"checkpoint of step {step}: copying the state failed ({last_line(err)})") from err
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Release the stager's buffers, unless a save still uses them (a run that ends normally has
+        finished its saves; one that failed must not wait here on a save that may wait on a peer)."""
+        if self._stager is not None and self.pending is None:
+            self._stager.close()
+            self._stager = None
+
     def finish(self) -> None:
         """Wait for a background save and commit it."""
+        self.before_update()
         if self.pending is None:
             return
         future, step, meta = self.pending

@@ -91,6 +91,7 @@ class Trainer:
         # in-memory snapshots between checkpoints, and resume
         self.snapshots = Snapshots(cfg.checkpoint.memory_every) if cfg.checkpoint.memory_every else None
         self._since_ckpt: list[dict[str, Any]] = []  # step metrics not yet in a checkpoint
+        self._ckpt_wait_s = 0.0  # waited this step for an asynchronous save's copy of the state
         self.checkpointer = self._resume(resume)
         # metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -165,6 +166,9 @@ class Trainer:
         loss_value = total.item() / (p.dp * p.cp)
         step = self.step + 1
         lr = lr_at(step, self.cfg.train)
+        if self.checkpointer is not None:  # an asynchronous save still copying the state it is about to change
+            self.phase = "checkpoint"
+            self._ckpt_wait_s += self.checkpointer.before_update()
         self.phase = "optimizer"
         grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
         self.step = step
@@ -219,7 +223,8 @@ class Trainer:
         c, ck = self.cfg.checkpoint, self.checkpointer
         if ck is None or not c.dir:
             return 0.0
-        start = time.perf_counter()
+        waited, self._ckpt_wait_s = self._ckpt_wait_s, 0.0  # this step's wait for a save's copy
+        start = time.perf_counter() - waited
         self.phase = "checkpoint"
         ck.poll()
         due = self.step == self.cfg.train.steps or (c.every > 0 and self.step % c.every == 0)
@@ -278,6 +283,8 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         if self._metrics_out is not None:
             self._metrics_out.close()
             self._metrics_out = None
