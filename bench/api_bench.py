@@ -67,13 +67,11 @@ def fill(url: str, n: int) -> list[str]:
 
 
 def serve(url: str, data_dir: str, port: int) -> None:
-    import uvicorn
-
-    from api.app import create_app
+    from api.app import create_app, serve
     from service.settings import Settings
 
     settings = Settings(data_dir=Path(data_dir), database_url=url)  # no quotas: the default
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    serve(create_app(settings), "127.0.0.1", port)
 
 
 class Result:

@@ -49,9 +49,7 @@ def up(
     if detach:
         _start_detached(host, port, settings.data_dir, url, auth)
         return
-    import uvicorn
-
-    from api.app import create_app
+    from api.app import create_app, serve
 
     if not auth:
         typer.echo(OPEN_NOTICE)
@@ -59,7 +57,7 @@ def up(
     pid_file.write_text(str(os.getpid()))
     typer.echo(f"fourfold: dashboard at {url}  (store: {settings.db_url})", err=False)
     try:
-        uvicorn.run(create_app(settings, supervise=True), host=host, port=port, log_level="warning", access_log=False)
+        serve(create_app(settings, supervise=True), host, port)
     finally:
         pid_file.unlink(missing_ok=True)
 
