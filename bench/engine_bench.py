@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from parallel.config import ModelConfig
 from parallel.flops import achieved_tflops, flops_per_token, mfu, param_count, peak_tflops
 from parallel.model import Transformer
+from parallel.parallelize import apply_compile
 
 
 def _peak_rss_mib() -> float:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="compile each block, as train.compile does")
     args = parser.parse_args(argv)
     if min(args.steps, args.seq_len, args.micro_batch) < 1 or args.warmup < 0:
         parser.error("--steps, --seq-len and --micro-batch must be positive, --warmup non-negative")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"engine_bench torch={torch.__version__} threads={torch.get_num_threads()} preset={args.preset} "
         f"params={param_count(cfg) / 1e6:.2f}M seq_len={seq} micro_batch={batch} "
-        f"warmup={args.warmup} steps={args.steps}",
+        f"warmup={args.warmup} steps={args.steps} compile={args.compile}",
         flush=True,
     )
     peak, origin = peak_tflops(torch.device("cpu"), torch.float32, None)
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Transformer(cfg)
     model.init_weights(args.seed)
     model.train()
+    if args.compile:
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     total = args.warmup + args.steps
@@ -71,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         return loss.item()  # forces the step to finish before the clock is read
 
+    compiling = time.perf_counter()
     for i in range(args.warmup):
         step(i)
+    if args.compile:
+        print(f"compile + warm-up: {time.perf_counter() - compiling:.1f} s", flush=True)
     times, loss = [], float("nan")
     for i in range(args.warmup, total):
         start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The engine next to plain PyTorch peers, in one run: dp=2 ZeRO-0 vs plain DDP, ZeRO-3 vs plain FSDP2.
+"""The engine next to plain PyTorch peers, in one run: dp=2 ZeRO-0 vs plain DDP, ZeRO-3 vs plain FSDP2,
+each also with train.compile (regional torch.compile of the blocks; compile time not counted).
 
 Two processes (gloo on 127.0.0.1, one thread each) build every contender once on the same model
 class (`parallel.model.Transformer`, the preset given), then time them in turn, --rounds times
@@ -29,7 +30,12 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-PAIRS = (("fourfold ZeRO-0", "plain DDP"), ("fourfold ZeRO-3", "plain FSDP2"))
+PAIRS = (
+    ("fourfold ZeRO-0", "plain DDP"),
+    ("fourfold ZeRO-0 compiled", "plain DDP"),
+    ("fourfold ZeRO-3", "plain FSDP2"),
+    ("fourfold ZeRO-3 compiled", "plain FSDP2"),
+)
 
 
 def _port() -> int:
@@ -38,7 +44,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _ours(args: argparse.Namespace, zero: int) -> Any:
+def _ours(args: argparse.Namespace, zero: int, compile: bool = False) -> Any:
     from parallel.config import build_config
     from parallel.trainer import Trainer
 
@@ -46,7 +52,7 @@ def _ours(args: argparse.Namespace, zero: int) -> Any:
         "model": {"preset": args.preset},
         "parallel": {"dp": 2, "zero": zero},
         "train": {"steps": 10**6, "global_batch": args.global_batch, "micro_batch": args.global_batch // 2,
-                  "seq_len": args.seq_len, "seed": 0},
+                  "seq_len": args.seq_len, "seed": 0, "compile": compile},
         "data": {"source": "synthetic"},
         "metrics": {"peak_tflops": 1.0},
     }  # fmt: skip
@@ -96,12 +102,14 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     dist.init_process_group("gloo")
     steps = {
         "fourfold ZeRO-0": _ours(args, 0),
+        "fourfold ZeRO-0 compiled": _ours(args, 0, compile=True),
         "plain DDP": _peer(args, "plain DDP"),
         "fourfold ZeRO-3": _ours(args, 3),
+        "fourfold ZeRO-3 compiled": _ours(args, 3, compile=True),
         "plain FSDP2": _peer(args, "plain FSDP2"),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
+    for step in steps.values():  # warm-up (and the compiled contenders' compile)
         step()
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -132,9 +140,9 @@ def main() -> int:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"peers_bench preset={args.preset} seq={args.seq_len} global_batch={args.global_batch} dp=2, "
           f"{args.rounds} rounds x {args.steps} steps each, interleaved")  # fmt: skip
-    print(f"{'':<18} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    print(f"{'':<26} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
     for name, t in times.items():
-        print(f"{name:<18} {med[name] * 1e3:>10.1f} {min(t) * 1e3:>8.1f} {max(t) * 1e3:>8.1f}")
+        print(f"{name:<26} {med[name] * 1e3:>10.1f} {min(t) * 1e3:>8.1f} {max(t) * 1e3:>8.1f}")
     ratios = {f"{ours} vs {peer}": med[peer] / med[ours] for ours, peer in PAIRS}
     for pair, ratio in ratios.items():
         print(f"{pair}: {ratio:.2f}x (peer's step time / ours)")

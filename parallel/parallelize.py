@@ -15,10 +15,12 @@
    the blocks before checkpointing wraps them;
 6. activation checkpointing (`apply_ac`) wraps each block;
 7. autocast (`apply_autocast`) of each part's forward when computing below fp32;
-8. ZeRO-3 (`apply_fsdp`, FSDP2), last and over all parts: it shards the parameters as the steps
+8. with train.compile, regional compilation (`apply_compile`): each block, as the steps above left
+   it, compiled in place;
+9. ZeRO-3 (`apply_fsdp`, FSDP2), last and over all parts: it shards the parameters as the steps
    above left them (TP shards included) and gathers them around the wrapped blocks.
 
-Steps 2-7 run part by part. ZeRO 0-2 leave the model as it is: their optimizer, which
+Steps 2-8 run part by part. ZeRO 0-2 leave the model as it is: their optimizer, which
 `build_optimizer` makes next, shards the optimizer states (and at stage 2 the gradients). With
 pp > 1 the trainer then hands the parts to the pipeline schedule.
 """
@@ -54,7 +56,7 @@ def build_model(cfg: Config, stage_ids: list[int]) -> list[Transformer]:
 
 
 def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
-    """Steps 2-8 of the module docstring, in place, on the parts `build_model` made."""
+    """Steps 2-9 of the module docstring, in place, on the parts `build_model` made."""
     p = cfg.parallel
     dtype = compute_dtype(cfg, layout.device)
     for model in parts:
@@ -69,6 +71,8 @@ def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
         apply_ac(model, p.activation_checkpointing)
         if dtype != torch.float32:
             apply_autocast(model, layout.device.type, dtype)
+        if cfg.train.compile:
+            apply_compile(model)
     if p.zero == 3:
         # Under pipelining, blocks stay gathered from forward to the end of the step (apply_fsdp).
         apply_fsdp(parts, layout.dp_mesh, reshard_after_forward=p.pp == 1)
@@ -93,6 +97,26 @@ def build_optimizer(parts: list[nn.Module], layout: Layout, cfg: Config) -> Data
         tp=p.tp,
         train=cfg.train,
     )
+
+
+def apply_compile(model: Transformer) -> None:
+    """Regional compilation, as the leading trainers do it: `torch.compile` each transformer block in
+    place (`Module.compile` keeps the module, its parameter names and room for the hooks ZeRO-3 adds
+    after). The blocks share one structure, so the graph compiled for the first serves every block;
+    the embedding, the final norm and the output stay eager. What the block holds is compiled with
+    it: TP's sharded linears, the CP attention core, activation checkpointing's recomputation."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (0.0 where torch does not say)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent  # no public counter in torch 2.13
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError):
+        return 0.0
 
 
 def apply_autocast(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:

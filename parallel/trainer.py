@@ -30,7 +30,7 @@ from parallel.context_parallel import shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
 from parallel.flops import achieved_tflops, flops_per_token, peak_tflops
 from parallel.mesh import Layout, init_distributed
-from parallel.parallelize import build_model, build_optimizer, compute_dtype, parallelize
+from parallel.parallelize import build_model, build_optimizer, compile_seconds, compute_dtype, parallelize
 from parallel.pipeline_parallel import Pipeline, stage_ids
 from parallel.snapshot import Snapshots
 from parallel.tensor_parallel import loss_context
@@ -145,6 +145,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        compiled_before = compile_seconds() if self.cfg.train.compile else 0.0
         p = self.cfg.parallel
         self.phase = "data"
         self.optimizer.zero_grad()
@@ -175,6 +176,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t0
+        compile_s = compile_seconds() - compiled_before if self.cfg.train.compile else 0.0
+        step_time = max(step_time - compile_s, 1e-9)  # the step's own time: compiling is reported apart
         self.phase = "idle"
         tokens_per_s = self.cfg.train.global_batch * self.cfg.train.seq_len / step_time
         tflops = achieved_tflops(tokens_per_s, self.flops_per_token, dist.get_world_size())
@@ -188,6 +191,7 @@ class Trainer:
             "mfu": tflops / self.peak_tflops,
             "step_time_s": step_time,
             "peak_mem_bytes": peak_memory_bytes(self.device),
+            **({"compile_s": compile_s} if self.cfg.train.compile else {}),
         }
 
     @property
