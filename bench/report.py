@@ -27,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ABOUT = {
     "peers": "The engine against plain PyTorch loops on the same model class, two ranks on gloo; above 1x "
-    "the engine is faster. torchtitan and `train.compile` are not in this comparison yet.",
+    "the engine is faster. `compiled`: with `train.compile` (the peers run eager). Goal: >= 1.1x. "
+    "torchtitan is not in this comparison yet.",
+    "mfu": "The model's own step (AdamW, cross entropy, synthetic tokens) in one process, MFU against "
+    "the CPU's measured matmul peak; the second run with `train.compile`'s regional compilation "
+    "(compile time reported apart). Goal with compile: MFU >= 0.8.",
     "api": "50 aiohttp clients against one uvicorn worker in its own process, 10,000 jobs stored. "
     "`capacity`: closed loop (latency there is queueing); `at N/s`: a fixed schedule, latency from "
     "when each request was due. Goals: a page >= 500 req/s and p99 < 50 ms, one job >= 1,000 req/s "
@@ -48,6 +52,9 @@ def benches(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         ("Engine vs plain DDP and FSDP2", "peers",
          py + ["bench/peers_bench.py", "--preset", "debug", "--seq-len", "256", "--global-batch", "8",
                "--steps", "3" if args.quick else "5", "--rounds", "2" if args.quick else "3"]),
+        ("Engine, one process: MFU eager and compiled", "mfu",
+         py + ["bench/engine_bench.py", "--preset", "debug"]),
+        ("", "mfu", py + ["bench/engine_bench.py", "--preset", "debug", "--compile"]),
         ("Control plane, SQLite", "api",
          py + ["bench/api_bench.py", "--jobs", "10000", "--clients", "50", "--seconds", seconds]),
     ]  # fmt: skip
@@ -99,8 +106,8 @@ def main() -> int:
             failed.append(title)
             output += f"\n(exit {run.returncode}) " + (run.stderr.strip().splitlines() or [""])[-1]
         took = time.perf_counter() - start
-        sections += [f"## {title}", "", ABOUT[kind], "", "```console", f"$ {shown}", output, "```",
-                     f"({took:.0f} s)", ""]  # fmt: skip
+        heading = [f"## {title}", "", ABOUT[kind], ""] if title else []  # no title: the run before's section
+        sections += [*heading, "```console", f"$ {shown}", output, "```", f"({took:.0f} s)", ""]
     page = [
         "# Performance",
         "",
