@@ -5,6 +5,8 @@ restarting the whole job (`restart.in_place: false`), recovering in place from t
 (the default), the same with one warm spare (`restart.spares: 1`), and through Ray Train's
 `TorchTrainer` with `FailureConfig(max_failures=2)` running the same engine in its workers (which
 resumes from the engine's newest complete checkpoint, every 2 steps, as the full restart does).
+The same runs also time the start: submission to the first step (the supervisor's split of it:
+queued for admission and the placement group, actors, imports, rendezvous, model built, first step).
 Rank 1's process is SIGKILLed once rank 0 has reported step 5 (or later); recovery time is from the kill to
 the first step after it (with a spare, once the spare has warmed up: a job of hours gives it time, this
 one of seconds would not). Steps redone: steps trained before the kill and again after it. For
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import tempfile
@@ -35,6 +38,7 @@ import ray  # noqa: E402
 from parallel.config import build_config  # noqa: E402
 
 KILL_AT = 5
+STARTS: dict[str, list[tuple[float, dict[str, float]]]] = {}  # submission to first step, each run's
 DEADLINE_S = 300.0  # every wait below gives up after this long, with the reason
 
 
@@ -57,6 +61,15 @@ def job_spec(ckpt: Path, steps: int, in_place: bool = False, spares: int = 0) ->
         "restart": {"max_failures": 2, "backoff_s": 0, "in_place": in_place, "spares": spares},
     }
     return build_config(spec).model_dump(mode="json", by_alias=True)
+
+
+def start_of(store, job_id: str) -> tuple[float, dict[str, float]]:  # noqa: ANN001
+    """Submission to the first step, and the supervisor's split of it (its `start` event)."""
+    job = store.get_job(job_id)
+    first = min((m for m in store.metrics(job_id) if m.attempt == 1), key=lambda m: m.step)
+    message = next((e.message for e in store.events(job_id) if e.kind == "start"), "")
+    split = {k.strip(): float(v) for k, v in re.findall(r"([a-z][a-z ]*) ([\d.]+) s", message.partition(": ")[2])}
+    return first.time.timestamp() - job.created_at.timestamp(), split
 
 
 def fourfold_once(tmp: Path, steps: int, in_place: bool = False, spares: int = 0) -> tuple[float, int, dict]:
@@ -93,6 +106,7 @@ def fourfold_once(tmp: Path, steps: int, in_place: bool = False, spares: int = 0
         redone = max(0, trained - min(m.step for m in after) + 1)
         split = store.attempts(job.id)[1].recovery_phases or {}
         total = resumed - killed
+        STARTS.setdefault("fourfold" + (" + spare" if spares else ""), []).append(start_of(store, job.id))
         return total, redone, {"detect": round(total - sum(split.values()), 3), **split}
     finally:
         sup.stop()
@@ -141,6 +155,7 @@ def ray_train_once(tmp: Path, steps: int) -> tuple[float, int, dict]:
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
+    submitted = time.time()
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"spec": job_spec(tmp / "ckpt", steps), "log": str(log)},
@@ -154,6 +169,7 @@ def ray_train_once(tmp: Path, steps: int) -> tuple[float, int, dict]:
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     if not killed or rows[-1]["step"] != steps:
         raise RuntimeError(f"recovery_bench: Ray Train's run ended at step {rows[-1]['step']}, killed={bool(killed)}")
+    STARTS.setdefault("Ray Train TorchTrainer", []).append((rows[0]["time"] - submitted, {}))
     trained = max(r["step"] for r in rows if r["time"] <= killed[0])
     first = min(r["step"] for r in rows if r["time"] > killed[0])
     return min(r["time"] for r in rows if r["time"] > killed[0]) - killed[0], max(0, trained - first + 1), {}
@@ -195,6 +211,15 @@ def main() -> int:
         if rows:
             medians = {k: statistics.median(s.get(k, 0.0) for s in rows) for k in rows[0]}
             print(f"{name}, median seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+    # The same runs' start: submission (TorchTrainer: the trainer made and fit() called) to the first step.
+    ray_start = statistics.median(s for s, _ in STARTS["Ray Train TorchTrainer"])
+    for name, rows in STARTS.items():
+        median = statistics.median(s for s, _ in rows)
+        where = [split for _, split in rows if split]
+        phases = {k: statistics.median(w.get(k, 0.0) for w in where) for k in where[0]} if where else {}
+        detail = ": " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) if phases else ""
+        print(f"start, {name:<22} submit to first step median {median:6.2f} s = {median / ray_start:.2f} x Ray Train"
+              f"{detail}")  # fmt: skip
     ray.shutdown()
     return 0
 

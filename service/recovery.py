@@ -74,6 +74,14 @@ def phases_of(marks: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def start_phases(submitted: float, marks: dict[str, float]) -> dict[str, float]:
+    """Where a job's first attempt spent the seconds from its submission to its first step: `queued`
+    (waiting for admission and its placement group: -> reserved), then actors, imports, rendezvous,
+    state (the model built) and first_step as for a recovery."""
+    split = phases_of({"detected": submitted, "torn_down": submitted, "restart": submitted, **marks})
+    return {"queued": split.pop("reservation"), **{k: v for k, v in split.items() if k not in ("teardown", "backoff")}}
+
+
 def rank_marks(marks: dict[int, dict[str, float]]) -> dict[str, float]:
     """The ranks' moments (`workers.worker.RankRunner` reports imported, rendezvous and state per rank)
     as the job's: each the latest over the ranks, when the last rank got there."""

@@ -109,4 +109,5 @@ class EventKind(StrEnum):
     CANCEL = "cancel"  # a caller asked to cancel
     FAILURE = "failure"  # an attempt failed (its cause)
     RECOVERY = "recovery"  # training resumed after a failure (how long it took)
+    START = "start"  # the first step after submission (how long it took, and where the seconds went)
     PLAN = "plan"  # the planner chose the layout of a spec's auto fields (which, and why)

@@ -41,7 +41,7 @@ from service.attempt import TRAINING_REASON, Attempt, ClusterResources, End, Gro
 from service.changes import Change
 from service.metrics import ServiceMetrics
 from service.planning import plan_queue
-from service.recovery import fit, phases_of, rank_marks
+from service.recovery import fit, phases_of, rank_marks, start_phases
 from service.resources import Resources, free_of, give_back
 from service.restarts import Pending, Restarts
 from service.scheduler import admit
@@ -247,7 +247,14 @@ class Supervisor(Restarts):
         self.store.add_metrics(job_id, metrics, att.number)
         self.store.append_logs(job_id, [_progress(m, job) for m in metrics])
         self.metrics.observe_step(job_id, metrics[-1])
-        att.last_step = metrics[-1]["step"]
+        first, att.last_step = att.last_step == 0, metrics[-1]["step"]
+        if first and att.number == 1 and job is not None and "reserved" in att.marks:
+            split = start_phases(job.created_at.timestamp(), {**att.marks, **rank_marks(ranks or {}),
+                                                             "first_step": time.time()})  # fmt: skip
+            message = f"first step {sum(split.values()):.1f} s after submission: " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.2f} s" for k, v in split.items()
+            )
+            self.store.add_event(job_id, EventKind.START, message)
         if att.recover_from is not None:
             seconds = time.monotonic() - att.recover_from
             att.recover_from = None

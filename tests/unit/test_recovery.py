@@ -88,3 +88,14 @@ def test_plan_prefers_snapshots_to_the_checkpoint_and_says_when_they_do_not_cove
     assert plan_recovery(p, {0: 5}, {0: {"own": 4, "held": [1, 2]}}).path == "checkpoint"  # copy too old
     assert plan_recovery(p, {0: 5}, {0: {"own": None, "held": None}}).path == "checkpoint"
     assert plan_recovery(p, {0: 5}).path == "checkpoint"
+
+
+def test_start_phases_from_submission_to_the_first_step() -> None:
+    from service.recovery import start_phases
+
+    marks = {"reserved": 101.5, "launched": 101.75, "imported": 104.0, "rendezvous": 104.25, "state": 105.0,
+             "first_step": 106.0}  # fmt: skip
+    split = start_phases(100.0, marks)
+    assert split == {"queued": 1.5, "actors": 0.25, "imports": 2.25, "rendezvous": 0.25, "state": 0.75,
+                     "first_step": 1.0}  # fmt: skip
+    assert sum(split.values()) == 6.0
