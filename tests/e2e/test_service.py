@@ -89,6 +89,10 @@ def test_jobs_run_queue_by_priority_and_cancel(api: TestClient, tmp_path: Path) 
     release_a.touch()
 
     assert _wait(api, a, {"SUCCEEDED", "FAILED"})["state"] == "SUCCEEDED"
+    # Where its first step's seconds went since submission (it waited for release_a, in `first step`).
+    start = [e["message"] for e in api.get(f"/v1/jobs/{a}/events").json() if e["kind"] == "start"]
+    assert len(start) == 1 and start[0].startswith("first step ") and "s after submission: queued " in start[0]
+    assert all(f"{phase} " in start[0] for phase in ("actors", "imports", "rendezvous", "state", "first step"))
     _wait(api, high, {"RUNNING"})
     time.sleep(1)
     assert api.get(f"/v1/jobs/{low}").json()["state"] == "QUEUED"  # submitted first, but lower priority
