@@ -13,6 +13,7 @@ import s3fs
 from moto.server import ThreadedMotoServer
 
 from parallel.checkpoint import list_checkpoints, read_meta
+from parallel.ckpt_storage import WRITER_THREADS
 from tests.dist.harness import run_layout
 
 pytestmark = pytest.mark.dist
@@ -62,7 +63,8 @@ def test_s3_checkpoints_save_list_retain_and_resume_exactly(s3_endpoint: str, tm
     found = list_checkpoints(root)
     assert [(c.step, c.complete) for c in found] == [(4, True), (6, True)]  # step 2 retired
     objects = s3fs.S3FileSystem(endpoint_url=s3_endpoint).ls(f"{BUCKET}/run-a/ckpt/step-00000006")
-    assert sum(o.endswith(".distcp") for o in objects) == 2, objects  # one shard file per rank
+    shards = sum(o.endswith(".distcp") for o in objects)
+    assert shards == 2 * WRITER_THREADS, objects  # each rank's shard in one file per writer thread
     assert read_meta(f"{root}/step-00000004")["rng"]["ranks"] == 2
 
     # Resumed from step 4 and saving every step: its step 5 makes the old step 6 an abandoned
