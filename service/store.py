@@ -23,15 +23,14 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import Select, and_, func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.changes import Change
 from service.db import make_engine, session_factory, single_reads, upgrade, writer
-from service.models import Attempt, CheckpointRecord, Event, Job, LogLine, Metric, new_job_id, utcnow
+from service.history import JobHistory
+from service.models import Attempt, Event, Job, LogLine, new_job_id, utcnow
 from service.quota import Quota, QuotaExceeded
 from service.records import (
     AttemptRecord,
@@ -52,7 +51,6 @@ __all__ = [
 
 OUTCOMES = frozenset(AttemptOutcome)
 R = TypeVar("R", bound=BaseModel)
-_FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
 # A list page reads these columns only (no spec), as plain rows: no ORM objects to build.
 _SUMMARY = tuple(Job.__table__.c[name] for name in JobSummaryRecord.model_fields)
 _NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
@@ -63,8 +61,9 @@ def train_steps(spec: dict[str, Any]) -> int:
     return int((spec.get("train") or {}).get("steps") or 0)
 
 
-class Store:
-    """Jobs, attempts, events, metrics, checkpoints and logs in SQLite or PostgreSQL."""
+class Store(JobHistory):
+    """Jobs, attempts, events, metrics, checkpoints and logs in SQLite or PostgreSQL (the last four
+    in `service.history.JobHistory`)."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
@@ -104,11 +103,6 @@ class Store:
         if job is None:
             raise KeyError(job_id)
         return job
-
-    @staticmethod
-    def _require_job(session: Session, job_id: str) -> None:
-        if session.scalar(select(Job.id).where(Job.id == job_id)) is None:
-            raise KeyError(job_id)
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -379,123 +373,3 @@ class Store:
         query = select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number, Attempt.id)
         with self._read() as session:
             return [AttemptRecord.model_validate(a) for a in session.scalars(query)]
-
-    # -- metrics, events, checkpoints, logs ----------------------------------------------------
-
-    def add_metrics(self, job_id: str, rows: list[dict[str, Any]], attempt: int) -> None:
-        """Store the engine's per-step metric dicts; unknown keys are ignored, a repeated (step, attempt) too."""
-        if not rows:
-            return
-        now = utcnow()
-        values = [_metric_values(job_id, row, attempt, now) for row in rows]
-        newest = max(values, key=lambda v: v["step"])
-        with self._tx() as session:
-            last = session.execute(select(Job.last_attempt, Job.last_step).where(Job.id == job_id)).first()
-            if last is None:
-                raise KeyError(job_id)
-            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            stmt = insert(Metric).on_conflict_do_nothing(index_elements=["job_id", "step", "attempt"])
-            session.execute(stmt, values)
-            if (attempt, newest["step"]) >= (last.last_attempt or 0, last.last_step or 0):
-                # The job row keeps the newest metrics (newest attempt, highest step) for list pages.
-                latest = {f"last_{k}": newest[k] for k in ("step", "loss", "tokens_per_s", "mfu")}
-                session.execute(update(Job).where(Job.id == job_id).values(last_attempt=int(attempt), **latest))
-
-    def metrics(self, job_id: str, after_step: int = 0, limit: int = 10000) -> list[MetricRecord]:
-        """Metrics of steps after `after_step`, by step; a step logged by several attempts gives the newest."""
-        newest = (
-            select(Metric.step, func.max(Metric.attempt).label("attempt"))
-            .where(Metric.job_id == job_id, Metric.step > after_step)
-            .group_by(Metric.step)
-            .subquery()
-        )
-        query = (
-            select(Metric)
-            .join(newest, and_(Metric.step == newest.c.step, Metric.attempt == newest.c.attempt))
-            .where(Metric.job_id == job_id)
-            .order_by(Metric.step, Metric.attempt)
-            .limit(limit)
-        )
-        with self._read() as session:
-            return [MetricRecord.model_validate(m) for m in session.scalars(query)]
-
-    def add_event(self, job_id: str, kind: str, message: str) -> EventRecord:
-        with self._tx() as session:
-            self._require_job(session, job_id)
-            event = Event(job_id=job_id, time=utcnow(), kind=kind, message=message)
-            session.add(event)
-            session.flush()
-            return EventRecord.model_validate(event)
-
-    def audit(
-        self, actor: str | None = None, job_id: str | None = None, limit: int = 100, offset: int = 0
-    ) -> tuple[list[EventRecord], int]:
-        """Events a caller of the API caused (submissions, cancels), newest first, and their number."""
-        where = [Event.actor.is_not(None)]
-        if actor is not None:
-            where.append(Event.actor == actor)
-        if job_id is not None:
-            where.append(Event.job_id == job_id)
-        with self._read() as session:
-            total = session.scalar(select(func.count()).select_from(Event).where(*where)) or 0
-            query = select(Event).where(*where).order_by(Event.id.desc()).limit(limit).offset(offset)
-            return [EventRecord.model_validate(e) for e in session.scalars(query)], total
-
-    def events(self, job_id: str, after_id: int = 0) -> list[EventRecord]:
-        query = select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id)
-        with self._read() as session:
-            return [EventRecord.model_validate(e) for e in session.scalars(query)]
-
-    def add_checkpoint(self, job_id: str, step: int, path: str) -> CheckpointRecordOut:
-        with self._tx() as session:
-            self._require_job(session, job_id)
-            ckpt = CheckpointRecord(job_id=job_id, step=step, path=path, time=utcnow())
-            session.add(ckpt)
-            session.flush()
-            return CheckpointRecordOut.model_validate(ckpt)
-
-    def sync_checkpoints(self, job_id: str, present: list[tuple[int, str]]) -> None:
-        """Make the job's checkpoint records those on storage now, (step, path) each: new ones are
-        added, and those retention deleted are forgotten (after their files went)."""
-        with self._tx() as session:
-            self._require_job(session, job_id)
-            rows = session.scalars(select(CheckpointRecord).where(CheckpointRecord.job_id == job_id)).all()
-            known = {(r.step, r.path): r for r in rows}
-            for key, row in known.items():
-                if key not in present:
-                    session.delete(row)
-            now = utcnow()
-            session.add_all(
-                CheckpointRecord(job_id=job_id, step=step, path=path, time=now)
-                for step, path in present
-                if (step, path) not in known
-            )
-
-    def checkpoints(self, job_id: str) -> list[CheckpointRecordOut]:
-        query = select(CheckpointRecord).where(CheckpointRecord.job_id == job_id)
-        with self._read() as session:
-            rows = session.scalars(query.order_by(CheckpointRecord.step, CheckpointRecord.id))
-            return [CheckpointRecordOut.model_validate(c) for c in rows]
-
-    def append_logs(self, job_id: str, lines: list[str]) -> None:
-        if not lines:
-            return
-        now = utcnow()
-        with self._tx() as session:
-            self._require_job(session, job_id)
-            session.add_all(LogLine(job_id=job_id, time=now, line=line) for line in lines)
-
-    def logs(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[LogRecord]:
-        query = select(LogLine).where(LogLine.job_id == job_id, LogLine.id > after_id).order_by(LogLine.id)
-        with self._read() as session:
-            return [LogRecord.model_validate(line) for line in session.scalars(query.limit(limit))]
-
-
-def _metric_values(job_id: str, row: dict[str, Any], attempt: int, now: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {"job_id": job_id, "step": int(row["step"]), "attempt": int(attempt), "time": now}
-    for key in _FLOAT_METRICS:
-        value = row.get(key)
-        values[key] = None if value is None else float(value)
-    mem = row.get("peak_mem_bytes")
-    values["peak_mem_bytes"] = None if mem is None else int(mem)
-    return values
