@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fourfold-setup
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.fourfold-setup
 # One thread per rank and gloo on loopback: what the multi-process runs and tests need on CPU.
 DIST_ENV := OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo MASTER_ADDR=127.0.0.1
 PYTEST_ARGS ?=
@@ -52,9 +54,16 @@ lint: setup
 
 # Every comparison of docs/performance.md in one run, and the page written from it (bench/report.py;
 # BENCH_ARGS="--database-url postgresql://..." adds the PostgreSQL rows, "--quick" shortens the runs).
-bench: setup
+bench: setup $(PEERS_STAMP)
 	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -q -e '.[bench]'
 	$(DIST_ENV) $(BIN)/python bench/report.py $(BENCH_ARGS)
+
+# bench/peers_bench.py's own venv, with torchtitan (whose pins clash with the test extras): torch first, as above.
+$(PEERS_STAMP): bench/peers-requirements.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --disable-pip-version-check --progress-bar off -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install --disable-pip-version-check --progress-bar off -q -r bench/peers-requirements.txt
+	touch $(PEERS_STAMP)
 
 # What the CPU suite cannot run, on a machine with CUDA: fp32 parity with the CPU, every layout over
 # NCCL in bf16 and fp32, ZeRO peak memory against the formulas, MFU of the 1b preset. Without CUDA

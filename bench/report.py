@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"  # made by `make bench` from bench/peers-requirements.txt
 
 ABOUT = {
     "peers": "The engine against plain PyTorch loops on the same model class, two ranks on gloo; above 1x "
-    "the engine is faster. `compiled`: with `train.compile` (the peers run eager). Goal: >= 1.1x. "
-    "torchtitan is not in this comparison yet.",
+    "the engine is faster. `compiled`: with `train.compile` (the peers run eager). torchtitan 0.3.0: its "
+    "llama3 debugmodel and `parallelize_llama` (FSDP2), stepped as its Trainer steps, against ZeRO-3 on the "
+    "same shape; the settings its CPU run needs are in bench/peers_bench.py (`titan_cpu_settings`). "
+    "Goal: >= 1.1x. Where the time goes: [parallelism.md](parallelism.md#where-a-step-spends-its-time).",
     "mfu": "The model's own step (AdamW, cross entropy, synthetic tokens) in one process, MFU against "
     "the CPU's measured matmul peak; the second run with `train.compile`'s regional compilation "
     "(compile time reported apart). Goal with compile: MFU >= 0.8.",
@@ -49,9 +52,9 @@ def benches(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     py = [sys.executable]
     seconds = "3" if args.quick else "10"
     rows = [
-        ("Engine vs plain DDP and FSDP2", "peers",
-         py + ["bench/peers_bench.py", "--preset", "debug", "--seq-len", "256", "--global-batch", "8",
-               "--steps", "3" if args.quick else "5", "--rounds", "2" if args.quick else "3"]),
+        ("Engine vs plain DDP, FSDP2 and torchtitan", "peers",
+         [str(args.peers_python), "bench/peers_bench.py", "--preset", "debug", "--seq-len", "256",
+          "--global-batch", "8", "--steps", "3" if args.quick else "5", "--rounds", "2" if args.quick else "3"]),
         ("Engine, one process: MFU eager and compiled", "mfu",
          py + ["bench/engine_bench.py", "--preset", "debug"]),
         ("", "mfu", py + ["bench/engine_bench.py", "--preset", "debug", "--compile"]),
@@ -90,13 +93,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--database-url", default=os.environ.get("FOURFOLD_BENCH_DATABASE_URL"))
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test of the page)")
+    parser.add_argument("--peers-python", type=Path, default=PEERS_PYTHON if PEERS_PYTHON.exists() else sys.executable,
+                        help="the Python of bench/peers_bench.py: .venv-peers when there is one")  # fmt: skip
     args = parser.parse_args()
+    # PYTHONPATH: the peers venv has the engine's dependencies but not the project installed.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "GLOO_SOCKET_IFNAME": "lo",
-           "MASTER_ADDR": "127.0.0.1"}  # fmt: skip
+           "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}  # fmt: skip
     started = datetime.datetime.now(datetime.UTC)
     sections, failed = [], []
     for title, kind, cmd in benches(args):
-        shown = " ".join(["python", *cmd[1:]]).replace(args.database_url or "\0", "postgresql://...")
+        python = ".venv-peers/bin/python" if cmd[0] == str(PEERS_PYTHON) else "python"
+        shown = " ".join([python, *cmd[1:]]).replace(args.database_url or "\0", "postgresql://...")
         print(f"== {title}: {shown}", flush=True)
         start = time.perf_counter()
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

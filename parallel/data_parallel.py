@@ -38,6 +38,7 @@ from torch.optim import AdamW
 from parallel.comms import watch
 from parallel.config import TrainConfig
 from parallel.flat_layout import FlatLayout, _local
+from parallel.grad_buckets import DEFAULT_CAP_BYTES, GradBuckets
 from parallel.tensor_parallel import is_tp_sharded
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states
@@ -83,6 +84,8 @@ class ShardedAdamW:
         norm_groups: list[dist.ProcessGroup],
         tp: int,
         train: TrainConfig,
+        overlap: bool = False,
+        bucket_bytes: int = DEFAULT_CAP_BYTES,
     ) -> None:
         # Gradients are averaged over the shard group and every replicate group (dp_replicate,
         # and cp, whose ranks see different tokens of the same samples).
@@ -105,9 +108,24 @@ class ShardedAdamW:
         self.grad_shard = torch.zeros(self.flat.shard_size, device=self.device) if two else None
         self._reduce = self._reduce_scatter if two else self._all_reduce
         self._owned_grads = self._shard_grads if two else self._param_grads
+        # Stages 0-1: all-reduce overlapped with backward (parallel/grad_buckets.py) over the first
+        # group that reduces, the others after; the caller allows it where backward is ours alone and
+        # the gradients plain tensors (no pipeline schedule, no TP's DTensors).
+        group = next((g for g in [shard_group, *replicate_groups] if g is not None), None)
+        self.buckets = (
+            GradBuckets(params, self.flat, group, cap_bytes=bucket_bytes)
+            if overlap and not two and group is not None and not any(isinstance(q, DTensor) for q in params)
+            else None
+        )
+        self._later_groups = [g for g in [shard_group, *replicate_groups] if g is not None and g is not group]
         self.mutating = False  # inside the update: this rank's state is half old, half new
 
     # -- gradients -----------------------------------------------------------------
+    def before_backward(self, last_microbatch: bool) -> None:
+        """Arm the bucketed all-reduce for the backward of the last micro-batch."""
+        if self.buckets is not None and last_microbatch:
+            self.buckets.arm()
+
     def after_backward(self, last_microbatch: bool) -> None:
         """Reduce gradients over the data-parallel ranks when this stage does so."""
         self._reduce(last_microbatch)
@@ -125,6 +143,16 @@ class ShardedAdamW:
     def _all_reduce(self, last_microbatch: bool) -> None:
         """Stages 0-1: after the last micro-batch, average the whole gradients over the dp ranks."""
         if not last_microbatch:
+            return
+        flat = self.buckets.finish() if self.buckets is not None else None
+        if flat is not None:  # reduced over the first group during backward
+            for group in self._later_groups:
+                with watch("dp", "all-reduce of gradients"):
+                    dist.all_reduce(flat, group=group)
+            flat /= self.dp
+            for p, g in zip(self.params, self.flat.split(flat), strict=True):
+                if p.grad is not None:
+                    p.grad = g.view_as(p)  # the reduced values in place of the local ones, no copy
             return
         self._match_param_layout()
         if self.dp == 1:
@@ -294,6 +322,9 @@ class FSDPAdamW:
         decay, no_decay = [p for p in params if _decays(p)], [p for p in params if not _decays(p)]
         self.opt = _adamw(decay, no_decay, train)
         self.mutating = False
+
+    def before_backward(self, last_microbatch: bool) -> None:
+        """FSDP2 reduces in its own backward hooks."""
 
     def after_backward(self, last_microbatch: bool) -> None:
         """FSDP2 has already reduce-scattered each micro-batch's gradients over dp in its

@@ -135,6 +135,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         axes = "/".join(a for a, on in (("tp", p.tp > 1), ("dp_shard", p.zero == 3), ("cp", p.cp > 1)) if on)
         for i, (inputs, labels) in enumerate(batches):
+            self.optimizer.before_backward(last_microbatch=i == len(batches) - 1)
             with loss_context(p.tp), watch(axes or "none", f"forward/backward of micro-batch {i}"):
                 logits = model(inputs)
                 loss = self._loss_fn(logits, labels) / len(batches)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.dist
 
 LAYOUTS = {
     "dp2-zero0": (2, ["parallel.dp=2", "train.micro_batch=4"]),
-    "dp2-zero1": (2, ["parallel.dp=2", "parallel.zero=1", "train.micro_batch=4"]),
+    "dp2-zero1": (2, ["parallel.dp=2", "parallel.zero=1", "train.micro_batch=4", "parallel.bucket_mb=0.02"]),
     "dp2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", "train.micro_batch=4"]),
     "dp2-zero3": (2, ["parallel.dp=2", "parallel.zero=3", "train.micro_batch=4"]),
     "tp2": (2, ["parallel.tp=2"]),
@@ -24,9 +24,10 @@ LAYOUTS = {
     "dp2-tp2-zero2": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=2"]),
     "dp4-hsdp2-zero3": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=3"]),
     # HSDP with our own ZeRO-1: shards over dp_shard, all-reduces the shards over dp_replicate.
-    "dp4-hsdp2-zero1": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=1"]),
-    # 2 micro-batches of accumulation per rank; stage 2 reduce-scatters after each.
-    "dp2-accum2-zero0": (2, ["parallel.dp=2", "train.micro_batch=2"]),
+    "dp4-hsdp2-zero1": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=1", "parallel.bucket_mb=0.02"]),
+    # 2 micro-batches of accumulation per rank; stage 2 reduce-scatters after each. bucket_mb=0.02: many
+    # buckets all-reduced while backward runs (parallel/grad_buckets.py), as in dp2-zero1 and hsdp2-zero1.
+    "dp2-accum2-zero0": (2, ["parallel.dp=2", "train.micro_batch=2", "parallel.bucket_mb=0.02"]),
     "dp2-accum2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", "train.micro_batch=2"]),
     "ac-full": (1, ["parallel.activation_checkpointing=full"]),
     "ac-selective": (1, ["parallel.activation_checkpointing=selective"]),

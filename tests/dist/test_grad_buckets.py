@@ -1,0 +1,81 @@
+"""Gradient buckets all-reduced while backward runs (parallel/grad_buckets.py), on two gloo ranks: the
+buckets start inside backward, in order, and give what one all-reduce after backward gives, unused
+parameters included. The trainer-level parity of ZeRO 0-1 with it is in test_parity.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from parallel.flat_layout import FlatLayout
+from parallel.grad_buckets import GradBuckets
+
+pytestmark = pytest.mark.dist
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(3, 3)  # first in the flat order, so in the last bucket; never gets a gradient
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return _Net()
+
+
+def _backward(model: nn.Module, rank: int) -> None:
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank))
+    model(x).pow(2).sum().backward()
+
+
+def _rank(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # The reference: whole gradients summed over the ranks after backward.
+        ref = _model()
+        _backward(ref, rank)
+        params = list(ref.parameters())
+        flat = FlatLayout(params, 2, rank)
+        want = flat.pack([p.grad for p in params], torch.device("cpu"))
+        dist.all_reduce(want)
+
+        model = _model()
+        params = list(model.parameters())
+        buckets = GradBuckets(params, flat, dist.group.WORLD, cap_bytes=300)
+        assert len(buckets.buckets) >= 4
+        buckets.arm()
+        _backward(model, rank)
+        # Every bucket up to the one holding the unused layer started inside backward.
+        assert buckets.next == len(buckets.buckets) - 1, (buckets.next, len(buckets.buckets))
+        got = buckets.finish()
+        assert got is not None and buckets.finish() is None  # one backward, one result
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # Not armed: backward leaves the gradients alone.
+        model.zero_grad()
+        _backward(model, rank)
+        assert buckets.finish() is None and params[-1].grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_buckets_reduce_during_backward() -> None:
+    mp.spawn(_rank, args=(_port(),), nprocs=2)
