@@ -1,11 +1,11 @@
 """Where a step's time goes, contender by contender: torch.profiler over the steps of bench/peers_bench.py.
 
 Two gloo ranks build the contenders named (those of peers_bench.py, the same builders), warm each
-up, then profile --steps steps of each in turn. Rank 0 prints, per contender, the step time and the
-operators' own (self) CPU time per step, the largest first, side by side: an operator that costs one
-contender more than the other is where a ratio below 1 comes from.
+up, then profile --steps steps of each in turn, --rounds times (interleaved). Rank 0 prints, per
+contender, the step time and the operators' own (self) CPU time per step, the largest first, side
+by side: an operator that costs one contender more than the other is where a ratio below 1 comes from.
 
-    python bench/profile_step.py --contenders "fourfold ZeRO-3" "plain FSDP2" --steps 3
+    python bench/profile_step.py --contenders "fourfold ZeRO-3" "plain FSDP2" --rounds 3
 
 Run it in the Python peers_bench.py runs in (.venv-peers for the torchtitan contenders).
 """
@@ -48,16 +48,19 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     steps = {name: BUILDERS[name](args) for name in args.contenders}
     for step in steps.values():
         step()  # warm-up (and compile)
-    result = {}
-    for name, step in steps.items():
-        dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            took = (time.perf_counter() - start) / args.steps
-        ops = {e.key: e.self_cpu_time_total / 1e3 / args.steps for e in prof.key_averages()}
-        result[name] = {"step_ms": took * 1e3, "ops": ops}
+    result = {name: {"step_ms": 0.0, "ops": {}} for name in steps}
+    n = args.steps * args.rounds
+    for _ in range(args.rounds):  # interleaved, as peers_bench.py: the machine's mood falls on all alike
+        for name, step in steps.items():
+            dist.barrier()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                result[name]["step_ms"] += (time.perf_counter() - start) * 1e3 / n
+            ops = result[name]["ops"]
+            for e in prof.key_averages():
+                ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / n
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.barrier()
@@ -70,7 +73,8 @@ def main() -> int:
     parser.add_argument("--preset", default="debug")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps of each contender per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=25, help="operators shown")
     args = parser.parse_args()
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"fourfold-profile-{os.getpid()}.json"
@@ -82,7 +86,7 @@ def main() -> int:
     keys = sorted(keys, key=lambda k: -max(r["ops"].get(k, 0.0) for r in result.values()))
     width = max(len(n) for n in names) + 2
     print(f"profile_step preset={args.preset} seq={args.seq_len} global_batch={args.global_batch} dp=2, "
-          f"{args.steps} steps each; self CPU ms per step, rank 0")  # fmt: skip
+          f"{args.rounds} rounds x {args.steps} steps each, interleaved; self CPU ms per step, rank 0")  # fmt: skip
     print(f"{'':<44}" + "".join(f"{n:>{width}}" for n in names))
     print(f"{'step time (wall)':<44}" + "".join(f"{result[n]['step_ms']:>{width}.1f}" for n in names))
     for key in keys[: args.top]:

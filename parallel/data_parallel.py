@@ -195,7 +195,7 @@ class ShardedAdamW:
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of the whole model's gradient, each element counted once."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per slot
         for s in self.slots:
             if s.view.grad is not None:
                 sq += s.view.grad.double().pow(2).sum() * s.weight
@@ -205,8 +205,9 @@ class ShardedAdamW:
         return sq.sqrt().float()
 
     # -- the update ------------------------------------------------------------------
-    def step(self, lr: float, max_norm: float) -> float:
-        """Clip to max_norm (0 = off), update owned elements, share them. Returns the norm."""
+    def step(self, lr: float, max_norm: float) -> torch.Tensor:
+        """Clip to max_norm (0 = off), update owned elements, share them. Returns the norm (a tensor on
+        the device: the trainer reads it with the loss, one wait for the device a step)."""
         for s, g in zip(self.slots, self._owned_grads(), strict=True):
             s.view.grad = g
         norm = self.grad_norm()
@@ -222,7 +223,7 @@ class ShardedAdamW:
         if self.flat.n_shards > 1:
             self._gather_params()
         self.mutating = False
-        return norm.item()
+        return norm
 
     @torch.no_grad()
     def _gather_params(self) -> None:
@@ -350,7 +351,7 @@ class FSDPAdamW:
                 dist.all_reduce(sq, group=group)
         return sq.sqrt().float()
 
-    def step(self, lr: float, max_norm: float) -> float:
+    def step(self, lr: float, max_norm: float) -> torch.Tensor:
         norm = self.grad_norm()
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm, foreach=True)
@@ -359,7 +360,7 @@ class FSDPAdamW:
         self.mutating = True
         self.opt.step()
         self.mutating = False
-        return norm.item()
+        return norm
 
     def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
         return {id(p): {k: self.opt.state[p][k] for k in STATE_KEYS} for p in self.params if p in self.opt.state}

@@ -165,17 +165,18 @@ class Trainer:
         with watch("dp/cp/pp", "all-reduce of the loss"):
             for group in self.layout.groups("pp", "cp", "dp_replicate", "dp_shard"):
                 dist.all_reduce(total, group=group)
-        loss_value = total.item() / (p.dp * p.cp)
         step = self.step + 1
         lr = lr_at(step, self.cfg.train)
         if self.checkpointer is not None:  # an asynchronous save still copying the state it is about to change
             self.phase = "checkpoint"
             self._ckpt_wait_s += self.checkpointer.before_update()
         self.phase = "optimizer"
-        grad_norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
+        norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
         self.step = step
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # The step's one wait for the device: loss and norm read together (it also ends the step's
+        # work on a GPU, so the step time below is the step's).
+        total_loss, grad_norm = torch.stack([total.float().reshape(()), norm.float().reshape(())]).tolist()
+        loss_value = total_loss / (p.dp * p.cp)
         step_time = time.perf_counter() - t0
         compile_s = compile_seconds() - compiled_before if self.cfg.train.compile else 0.0
         step_time = max(step_time - compile_s, 1e-9)  # the step's own time: compiling is reported apart
