@@ -7,9 +7,13 @@ AdamW states exist, then measures, all in this one run and on the same directory
 - sync: `Checkpointer.save` with checkpoint.async off (write every shard, fsync, commit);
 - async: how much longer the save and the next step take than a step without a save (the copy to
   memory runs beside that step's forward and backward; its update waits for the copy), and the
-  time until committed.
+  time until committed;
+- load: `Checkpointer.load` of the newest checkpoint into the same layout, next to reading the
+  raw file's bytes back, each after its files were dropped from the page cache (posix_fadvise
+  DONTNEED after fsync: read from the disk, not from memory, where the kernel honours it).
 
-Raw writes and saves are interleaved, `--repeats` times; medians are reported.
+Raw writes and saves, then raw reads and loads, are interleaved, `--repeats` times; medians are
+reported.
 
     python bench/ckpt_bench.py --preset debug --repeats 3 --dir /tmp/fourfold-ckpt-bench
 """
@@ -29,7 +33,28 @@ from parallel.config import build_config
 from parallel.trainer import Trainer
 
 
-def raw_write(path: Path, n_bytes: int) -> float:
+def drop_cached(root: Path) -> None:
+    """Ask the kernel to forget the cached pages of every file under root (or root itself)."""
+    for path in [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read(path: Path) -> float:
+    """Seconds to read the file back in 4 MiB blocks, from the disk."""
+    drop_cached(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(4 << 20):
+            pass
+    return time.perf_counter() - start
+
+
+def raw_write(path: Path, n_bytes: int, keep: bool = False) -> float:
     """Seconds to write n_bytes sequentially and fsync them."""
     block = os.urandom(4 << 20)
     start = time.perf_counter()
@@ -40,7 +65,8 @@ def raw_write(path: Path, n_bytes: int) -> float:
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - start
-    path.unlink()
+    if not keep:
+        path.unlink()
     return seconds
 
 
@@ -95,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         async_call_s.append(blocked)
         async_block_s.append(max(0.0, with_save - statistics.median(plain_step_s)))
         plain_step_s.append(timed_step())
+    newest = list_checkpoints(str(ckpt_dir))[-1]
+    raw_write(root / "raw.bin", size, keep=True)
+    raw_read_s, load_s = [], []
+    for _ in range(args.repeats):
+        raw_read_s.append(raw_read(root / "raw.bin"))
+        drop_cached(Path(newest.path))
+        start = time.perf_counter()
+        ck.load(newest.path)
+        load_s.append(time.perf_counter() - start)
+    (root / "raw.bin").unlink()
     trainer.close()
 
     med = statistics.median
@@ -108,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         f"the rest the next step slowed by the copy and the write beside it), "
         f"committed after {med(async_total_s) * 1e3:.1f} ms"
     )
+    print(f"raw sequential read          : {med(raw_read_s) * 1e3:8.1f} ms  {mib / med(raw_read_s):8.1f} MiB/s")
+    print(f"load, same layout            : {med(load_s) * 1e3:8.1f} ms  {mib / med(load_s):8.1f} MiB/s")
     print(f"step without a save: {med(plain_step_s) * 1e3:.1f} ms")
     print(f"sync save speed / raw write speed: {med(raw_s) / med(sync_s):.2f}")
+    print(f"load speed / raw read speed: {med(raw_read_s) / med(load_s):.2f}")
     if args.dir is None:
         shutil.rmtree(root)
     return 0

@@ -277,7 +277,8 @@ class Checkpointer:
     def load(self, path: str) -> None:
         """Load weights, optimizer states and RNG from `path` into this rank's layout."""
         meta = read_meta(path)
-        template = {n: {k: torch.zeros_like(p) for k in STATE_KEYS} for n, p in self.named}
+        # empty, not zeros: the load writes every element (a key it lacks is an error below).
+        template = {n: {k: torch.empty_like(p) for k in STATE_KEYS} for n, p in self.named}
         rng_key, rng = self._rng_template(meta)
         state = {"model": dict(self.named), "optim": template, "rng": {rng_key: rng}}
         try:

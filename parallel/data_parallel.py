@@ -279,8 +279,11 @@ class ShardedAdamW:
         """Inverse of export_states: keep this rank's pieces of each state."""
         for s in self.slots:
             st = states[id(s.param)]
+            whole = s.in_param.stop - s.in_param.start == _local(s.param).numel()
+            pieces = {key: _local(st[key]).reshape(-1)[s.in_param] for key in STATE_KEYS}
+            # A piece is copied out; a whole state (stage 0) is taken as it is, no copy.
             self.opt.state[s.view] = {"step": torch.tensor(float(step))} | {
-                key: _local(st[key]).reshape(-1)[s.in_param].clone() for key in STATE_KEYS
+                key: t if whole else t.clone() for key, t in pieces.items()
             }
 
     def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -292,6 +295,12 @@ class ShardedAdamW:
     def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
         """Inverse of local_tensors (copied in; states only when there are any)."""
         _load_local(self.opt, self.params, [s.view for s in self.slots], params, states, step, lambda _, t: t.clone())
+
+    def close(self) -> None:
+        """Take the gradient hooks off the parameters (GradBuckets holds the process group)."""
+        if self.buckets is not None:
+            self.buckets.remove()
+            self.buckets = None
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -376,6 +385,9 @@ class FSDPAdamW:
 
     def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
         _load_local(self.opt, self.params, self.params, params, states, step, _state_like)
+
+    def close(self) -> None:
+        """Nothing to release: FSDP2's hooks stay with the model."""
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -289,6 +289,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
+        self.optimizer.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self._metrics_out is not None:

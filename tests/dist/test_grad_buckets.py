@@ -5,7 +5,7 @@ parameters included. The trainer-level parity of ZeRO 0-1 with it is in test_par
 from __future__ import annotations
 
 import os
-import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +17,6 @@ from parallel.flat_layout import FlatLayout
 from parallel.grad_buckets import GradBuckets
 
 pytestmark = pytest.mark.dist
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Net(nn.Module):
@@ -45,10 +39,11 @@ def _backward(model: nn.Module, rank: int) -> None:
     model(x).pow(2).sum().backward()
 
 
-def _rank(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+def _rank(rank: int, store: str) -> None:
+    os.environ.update(GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file store: no port to pick (and lose to another process) before the ranks start.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         # The reference: whole gradients summed over the ranks after backward.
         ref = _model()
@@ -73,9 +68,10 @@ def _rank(rank: int, port: int) -> None:
         model.zero_grad()
         _backward(model, rank)
         assert buckets.finish() is None and params[-1].grad is not None
+        buckets.remove()
     finally:
         dist.destroy_process_group()
 
 
-def test_buckets_reduce_during_backward() -> None:
-    mp.spawn(_rank, args=(_port(),), nprocs=2)
+def test_buckets_reduce_during_backward(tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(str(tmp_path / "store"),), nprocs=2)
