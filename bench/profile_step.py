@@ -89,7 +89,10 @@ def main() -> int:
           f"{args.rounds} rounds x {args.steps} steps each, interleaved; self CPU ms per step, rank 0")  # fmt: skip
     print(f"{'':<44}" + "".join(f"{n:>{width}}" for n in names))
     print(f"{'step time (wall)':<44}" + "".join(f"{result[n]['step_ms']:>{width}.1f}" for n in names))
-    for key in keys[: args.top]:
+    shown = keys[: args.top]
+    # Then every collective and every wait for a value on the host, however small: what a step syncs on.
+    shown += [k for k in keys[args.top :] if k.startswith("c10d::") or k == "aten::_local_scalar_dense"]
+    for key in shown:
         print(f"{key[:43]:<44}" + "".join(f"{result[n]['ops'].get(key, 0.0):>{width}.1f}" for n in names))
     return 0
 

@@ -377,11 +377,6 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
             + ")"
         )
     _check_pipeline(cfg)
-    if cfg.train.compile and p.tp > 1:
-        raise ConfigError(
-            f"train.compile: not with parallel.tp={p.tp} yet (torch 2.13 fails in the backward of a compiled "
-            "block's DTensor redistribution); set train.compile=false, or parallel.tp=1"
-        )
     if cfg.checkpoint.resume == "auto" and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume=auto needs checkpoint.dir to look in")
     if cfg.data.source != "synthetic" and not cfg.data.path:

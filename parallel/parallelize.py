@@ -16,7 +16,7 @@
 6. activation checkpointing (`apply_ac`) wraps each block;
 7. autocast (`apply_autocast`) of each part's forward when computing below fp32;
 8. with train.compile, regional compilation (`apply_compile`): each block, as the steps above left
-   it, compiled in place;
+   it, compiled in place (under TP its attention and feed-forward);
 9. ZeRO-3 (`apply_fsdp`, FSDP2), last and over all parts: it shards the parameters as the steps
    above left them (TP shards included) and gathers them around the wrapped blocks.
 
@@ -59,6 +59,17 @@ def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
     """Steps 2-9 of the module docstring, in place, on the parts `build_model` made."""
     p = cfg.parallel
     dtype = compute_dtype(cfg, layout.device)
+    if cfg.train.compile:
+        # Forget what an earlier model in this process compiled: dynamo would reuse it (its guards do
+        # not cover process groups), and under TP its collectives name groups that a rebuilt mesh
+        # (an in-place resize, the next run of a test) no longer has.
+        torch._dynamo.reset()
+    if cfg.train.compile and p.tp > 1:
+        # Inductor's on-disk caches hand a graph with TP's collectives to another layout with the
+        # same graph but other group sizes (torch 2.13: "allgather_coalesced: invalid size of output
+        # tensor"), so under TP every process compiles afresh.
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     for model in parts:
         if p.tp > 1:
             apply_tp(model, layout.mesh["tp"])
@@ -72,7 +83,7 @@ def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
         if dtype != torch.float32:
             apply_autocast(model, layout.device.type, dtype)
         if cfg.train.compile:
-            apply_compile(model)
+            apply_compile(model, sublayers=p.tp > 1)
     if p.zero == 3:
         # Under pipelining, blocks stay gathered from forward to the end of the step (apply_fsdp).
         apply_fsdp(parts, layout.dp_mesh, reshard_after_forward=p.pp == 1)
@@ -101,14 +112,24 @@ def build_optimizer(parts: list[nn.Module], layout: Layout, cfg: Config) -> Data
     )
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Transformer, sublayers: bool = False) -> None:
     """Regional compilation, as the leading trainers do it: `torch.compile` each transformer block in
     place (`Module.compile` keeps the module, its parameter names and room for the hooks ZeRO-3 adds
     after). The blocks share one structure, so the graph compiled for the first serves every block;
     the embedding, the final norm and the output stay eager. What the block holds is compiled with
-    it: TP's sharded linears, the CP attention core, activation checkpointing's recomputation."""
+    it: the CP attention core, activation checkpointing's recomputation.
+
+    sublayers=True (tensor parallel) compiles each block's attention and feed-forward instead, with
+    TP's input and output redistributions (their module hooks): a whole compiled block under
+    sequence parallelism hands its DTensor input's gradient back as a plain tensor, and the
+    redistribution before it fails in backward (torch 2.13). The norms and residual adds between
+    them, on sequence shards, stay eager."""
     for block in model.layers.values():
-        block.compile()
+        if sublayers:
+            block.attention.compile()
+            block.feed_forward.compile()
+        else:
+            block.compile()
 
 
 def compile_seconds() -> float:

@@ -1,9 +1,9 @@
 """train.compile: every layout, its blocks compiled, trains like one eager process.
 
 Regional compilation (`parallel.parallelize.apply_compile`) with each kind of layout the blocks take
-part in: data parallel (ZeRO-0 and FSDP2's ZeRO-3), pipeline stages, ring and all-gather context
-parallel, activation checkpointing. Tensor parallel is refused with a config error (torch 2.13 fails
-in a compiled block's DTensor backward; tests/unit checks the message). Inductor may fuse and reorder floating-point
+part in: data parallel (ZeRO-0 and FSDP2's ZeRO-3), tensor parallel with sequence parallel (each
+block's attention and feed-forward compiled), pipeline stages, ring and all-gather context parallel,
+activation checkpointing. Inductor may fuse and reorder floating-point
 work, so the tolerances are the parity tests' (losses 1e-4 relative, weights 1e-5), against the same
 real single-process eager run. The first step reports its compile time apart from its step time.
 """
@@ -22,6 +22,8 @@ LAYOUTS = {
     "ac-full": (1, [*COMPILE, "parallel.activation_checkpointing=full"]),
     "dp2-zero0": (2, [*COMPILE, "parallel.dp=2", "train.micro_batch=4"]),
     "dp2-zero3": (2, [*COMPILE, "parallel.dp=2", "parallel.zero=3", "train.micro_batch=4"]),
+    "tp2": (2, [*COMPILE, "parallel.tp=2"]),
+    "dp2-tp2-zero3": (4, [*COMPILE, "parallel.dp=2", "parallel.tp=2", "parallel.zero=3"]),
     "pp2-1f1b": (2, [*COMPILE, "parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     "cp2-ring": (2, [*COMPILE, "parallel.cp=2", "parallel.cp_mode=ring"]),
     "cp2-allgather": (2, [*COMPILE, "parallel.cp=2", "parallel.cp_mode=allgather"]),

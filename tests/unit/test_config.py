@@ -103,9 +103,8 @@ def test_unset_dp_fills_the_world() -> None:
     assert load_config(None, ["parallel.tp=2"]).parallel.dp == 1  # no world size known (a spec on its own)
 
 
-def test_compile_is_a_bool_and_refused_with_tensor_parallel() -> None:
+def test_compile_is_a_bool_and_takes_every_layout() -> None:
     assert build_config({"train": {"compile": True}}).train.compile is True
-    with pytest.raises(ConfigError, match=r"train.compile: not with parallel.tp=2 yet .*set train.compile=false"):
-        build_config({"train": {"compile": True}, "parallel": {"tp": 2}})
+    assert build_config({"train": {"compile": True}, "parallel": {"tp": 2}}, world_size=2).train.compile is True
     with pytest.raises(ConfigError, match="train.compile"):
         build_config({"train": {"compile": "sometimes"}})
