@@ -114,7 +114,7 @@ class GradBuckets:
         for b in self.buckets[self.next :]:
             self._start(b)  # buckets with a parameter that got no gradient
         self.buf = None
-        with watch("dp_shard", "bucketed reduction of gradients"):
+        with watch("dp", "all-reduce of gradients"):
             for b in self.buckets:
                 if b.work is not None:
                     b.work.wait()
