@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 import torch.multiprocessing as mp
 
 PAIRS = (
@@ -177,13 +178,26 @@ def _titan(args: argparse.Namespace) -> Any:
     return step
 
 
-def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
+def init_rank(rank: int, port: int) -> None:
+    """One of the two gloo ranks on 127.0.0.1, one thread each (also bench/profile_step.py's)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+
+
+def finish_rank(rank: int, out: str, result: Any) -> None:
+    """Rank 0 writes the figures for the parent process; both leave the group."""
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    init_rank(rank, port)
     steps = {
         "fourfold ZeRO-0": _ours(args, 0),
         "fourfold ZeRO-0 compiled": _ours(args, 0, compile=True),
@@ -205,10 +219,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
-    if rank == 0:
-        Path(out).write_text(json.dumps(times))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(rank, out, times)
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,13 +37,10 @@ BUILDERS = {
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")  # fmt: skip
-    torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    dist.init_process_group("gloo")
+    peers_bench.init_rank(rank, port)
     steps = {name: BUILDERS[name](args) for name in args.contenders}
     for step in steps.values():
         step()  # warm-up (and compile)
@@ -61,10 +57,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             ops = result[name]["ops"]
             for e in prof.key_averages():
                 ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / n
-    if rank == 0:
-        Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    peers_bench.finish_rank(rank, out, result)
 
 
 def main() -> int:
