@@ -145,26 +145,23 @@ class ShardedAdamW:
         if not last_microbatch:
             return
         flat = self.buckets.finish() if self.buckets is not None else None
-        if flat is not None:  # reduced over the first group during backward
-            for group in self._later_groups:
-                with watch("dp", "all-reduce of gradients"):
-                    dist.all_reduce(flat, group=group)
-            flat /= self.dp
-            for p, g in zip(self.params, self.flat.split(flat), strict=True):
-                if p.grad is not None:
-                    p.grad = g.view_as(p)  # the reduced values in place of the local ones, no copy
-            return
-        self._match_param_layout()
-        if self.dp == 1:
-            return
-        flat = self.flat.pack([p.grad for p in self.params], self.device)
-        for group in [self.shard_group, *self.replicate_groups]:
+        bucketed = flat is not None  # reduced over the first group during backward: the rest are left
+        if not bucketed:
+            self._match_param_layout()
+            if self.dp == 1:
+                return
+            flat = self.flat.pack([p.grad for p in self.params], self.device)
+        for group in self._later_groups if bucketed else [self.shard_group, *self.replicate_groups]:
             if group is not None:
                 with watch("dp", "all-reduce of gradients"):
                     dist.all_reduce(flat, group=group)
         flat /= self.dp
         for p, g in zip(self.params, self.flat.split(flat), strict=True):
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if bucketed:
+                p.grad = g.view_as(p)  # the reduced values in place of the local ones, no copy
+            else:
                 _local(p.grad).view(-1).copy_(g)
 
     def _param_grads(self) -> list[torch.Tensor | None]:
