@@ -26,7 +26,7 @@ def test_gqa_attention_equals_repeated_kv_heads() -> None:
     model = Transformer(cfg, max_seq_len=16)
     model.init_weights(0)
     attn, x = model.layers["0"].attention, torch.randn(2, 16, cfg.dim)
-    rope = model.rope[:, :16]
+    rope = model.rope[:16]
     q = apply_rope(attn.wq(x).view(2, 16, cfg.n_heads, -1), rope).transpose(1, 2)
     k = apply_rope(attn.wk(x).view(2, 16, cfg.n_kv_heads, -1), rope).transpose(1, 2)
     v = attn.wv(x).view(2, 16, cfg.n_kv_heads, -1).transpose(1, 2)
