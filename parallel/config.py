@@ -107,8 +107,9 @@ class ParallelConfig(_Section):
     zero: Literal[0, 1, 2, 3] = 0
     """ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states, 2 +gradients, 3 +parameters."""
     bucket_mb: float = Field(4.0, gt=0, le=1024)
-    """ZeRO 0-1 (tp=1, pp=1): MiB of gradients per bucket all-reduced while the last micro-batch's
-    backward goes on; smaller starts sooner, larger sends fewer messages."""
+    """ZeRO 0-2 (tp=1, pp=1): MiB of gradients per bucket reduced while backward goes on (all-reduced in
+    the last micro-batch's at ZeRO 0-1, reduce-scattered in every micro-batch's at ZeRO 2); smaller
+    starts sooner, larger sends fewer messages."""
     dp_replicate: int = Field(1, ge=1)
     """Replicas in hybrid sharding (HSDP): ZeRO shards within dp/dp_replicate ranks and replicates across."""
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zbv"] = "1f1b"

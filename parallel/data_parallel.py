@@ -10,15 +10,17 @@ What each stage keeps whole and what it shards over the dp_shard ranks (N):
 
 Stages 0-2 are `ShardedAdamW` below: the trainable tensors are laid end to end in one
 virtual flat vector (`FlatLayout`, padded to a multiple of N) and rank r owns the elements
-[r*S, (r+1)*S). Its optimizer holds `nn.Parameter` views of exactly those elements, so states
+[r*S, (r+1)*S), or, where gradients are reduced in buckets while backward runs, the r-th piece of
+every bucket (parallel/grad_buckets.py). Its optimizer holds `nn.Parameter` views of exactly those elements, so states
 exist only for them. We write this ourselves because torch's ZeroRedundancyOptimizer assigns
 whole parameters to ranks (uneven shares, far from 1/N on small models) and has no gradient
 sharding, and FSDP2 always shards parameters too. Stage 3 is FSDP2, applied to the model by
 `parallelize` (parallel/parallelize.py), with `FSDPAdamW`: the optimizers here only optimize.
 
 Gradient accumulation: stages 0 and 1 accumulate whole local gradients and reduce once per
-step (all-reduce). Stage 2 reduce-scatters after every micro-batch into its 1/N gradient shard
-and frees the whole gradients, so it never holds more than one micro-batch of whole gradients.
+step (all-reduce). Stage 2 reduce-scatters every micro-batch's gradients into its 1/N gradient
+shard and frees the whole gradients, so it never holds more than one micro-batch of whole gradients.
+Both reduce bucket by bucket during the backward where the layout allows (no TP, no pipeline).
 Stage 3 (FSDP2) likewise reduce-scatters each micro-batch into sharded gradients. With HSDP the
 shards are additionally all-reduced across the dp_replicate replicas.
 """
@@ -95,7 +97,15 @@ class ShardedAdamW:
         n_shards = dist.get_world_size(shard_group) if shard_group is not None else 1
         self.dp = n_shards * math.prod(dist.get_world_size(g) for g in replicate_groups)
         rank = dist.get_rank(shard_group) if shard_group is not None and zero >= 1 else 0
-        self.flat = FlatLayout(params, n_shards if zero >= 1 else 1, rank)  # stage 0: one shard, all of it
+        two = zero == 2
+        # Gradients reduced in buckets while backward runs (parallel/grad_buckets.py): stages 0-1
+        # all-reduce over the first group that reduces (the others after), stage 2 reduce-scatters over
+        # dp_shard. The caller allows it where backward is ours alone and the gradients plain tensors
+        # (no pipeline schedule, no TP's DTensors). The buckets are the flat layout's segments.
+        group = shard_group if two else next((g for g in [shard_group, *replicate_groups] if g is not None), None)
+        bucketed = overlap and group is not None and not any(isinstance(q, DTensor) for q in params)
+        cap = max(1, bucket_bytes // _local(params[0]).element_size()) if bucketed else None
+        self.flat = FlatLayout(params, n_shards if zero >= 1 else 1, rank, cap)  # stage 0: one shard, all of it
         slots = [
             _Slot(nn.Parameter(_local(params[i]).detach().view(-1)[in_param]), params[i], in_param, in_shard,
                   1.0 if is_tp_sharded(params[i]) else 1.0 / tp)
@@ -104,26 +114,19 @@ class ShardedAdamW:
         decay, no_decay = [s for s in slots if _decays(s.param)], [s for s in slots if not _decays(s.param)]
         self.slots = decay + no_decay
         self.opt = _adamw([s.view for s in decay], [s.view for s in no_decay], train)
-        two = zero == 2
         self.grad_shard = torch.zeros(self.flat.shard_size, device=self.device) if two else None
         self._reduce = self._reduce_scatter if two else self._all_reduce
         self._owned_grads = self._shard_grads if two else self._param_grads
-        # Stages 0-1: all-reduce overlapped with backward (parallel/grad_buckets.py) over the first
-        # group that reduces, the others after; the caller allows it where backward is ours alone and
-        # the gradients plain tensors (no pipeline schedule, no TP's DTensors).
-        group = next((g for g in [shard_group, *replicate_groups] if g is not None), None)
-        self.buckets = (
-            GradBuckets(params, self.flat, group, cap_bytes=bucket_bytes)
-            if overlap and not two and group is not None and not any(isinstance(q, DTensor) for q in params)
-            else None
-        )
-        self._later_groups = [g for g in [shard_group, *replicate_groups] if g is not None and g is not group]
+        self.buckets = GradBuckets(params, self.flat, group, scatter=two) if bucketed else None
+        later = [g for g in [shard_group, *replicate_groups] if g is not None and g is not group]
+        self._later_groups = [] if two else later  # stage 2 all-reduces its shard over the replicas in the update
         self.mutating = False  # inside the update: this rank's state is half old, half new
 
     # -- gradients -----------------------------------------------------------------
     def before_backward(self, last_microbatch: bool) -> None:
-        """Arm the bucketed all-reduce for the backward of the last micro-batch."""
-        if self.buckets is not None and last_microbatch:
+        """Arm the bucketed reduction: for the backward of the last micro-batch (stages 0-1), of every
+        micro-batch (stage 2)."""
+        if self.buckets is not None and (last_microbatch or self.grad_shard is not None):
             self.buckets.arm()
 
     def after_backward(self, last_microbatch: bool) -> None:
@@ -170,6 +173,10 @@ class ShardedAdamW:
 
     def _reduce_scatter(self, last_microbatch: bool) -> None:
         """Stage 2: reduce-scatter each micro-batch's whole gradients into the running shard."""
+        shard = self.buckets.finish() if self.buckets is not None else None
+        if shard is not None:  # reduced bucket by bucket during backward
+            self.grad_shard += shard
+            return
         self._match_param_layout()
         flat = self.flat.pack([p.grad for p in self.params], self.device)  # (N*S,) this micro-batch's
         shard = torch.empty(self.flat.shard_size, device=self.device)
@@ -244,7 +251,7 @@ class ShardedAdamW:
         full = torch.empty(self.flat.size, device=self.device)
         with watch("dp_shard", action):
             dist.all_gather_single(full, shard, group=self.shard_group)
-        return full
+        return self.flat.unshard(full)  # the shards in rank order, back in the layout's order
 
     # -- checkpoints: per-parameter states, laid out like the parameter --------------
     @torch.no_grad()
@@ -312,6 +319,8 @@ class ShardedAdamW:
 
     def grad_tensors(self) -> list[torch.Tensor]:
         grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        if self.buckets is not None:  # whole gradients copied into bucket buffers, until their reduction ends
+            grads += [b.buf for b in self.buckets.buckets if b.buf is not None]
         return grads + ([self.grad_shard] if self.grad_shard is not None else [])
 
 

@@ -1,17 +1,20 @@
-"""Gradient all-reduce overlapped with backward, in buckets, for ZeRO stages 0-1 (`ShardedAdamW`).
+"""Gradient reduction overlapped with backward, in buckets, for ZeRO stages 0-2 (`ShardedAdamW`).
 
 Backward produces gradients from the last layer to the first. Instead of reducing them all after
 backward returns, each parameter's post-accumulate-grad hook marks it ready; when every parameter of
-a bucket (a run of consecutive parameters of the flat vector, `FlatLayout`, about `cap_bytes` big,
-taken from the end) is ready, the bucket's gradients are copied into its part of one flat buffer and
-its all-reduce over the first data-parallel group starts asynchronously, while backward goes on with
-the layers before. `finish` waits for them. Armed for the last micro-batch only: earlier ones
-accumulate locally (DDP's `no_sync`).
+a bucket (a segment of the flat layout, `FlatLayout(segment_numel=...)`: a run of consecutive
+parameters about `parallel.bucket_mb` big, taken from the end) is ready, the bucket's gradients are
+copied into a flat buffer and its collective starts asynchronously, while backward goes on with the
+layers before. `finish` waits for them.
 
-Stage 2 is not here yet: it reduce-scatters each micro-batch's gradients after that backward
-(`ShardedAdamW._reduce_scatter`). Reducing each bucket's pieces to their owners (`dist.reduce`) was
-right but aborted a gloo process at exit about one run in ten (torch 2.13); a reduce-scatter per
-bucket needs the shards laid out bucket by bucket (each rank 1/N of every bucket), as FSDP does.
+- Stages 0-1 all-reduce each bucket over the first data-parallel group, armed for the last
+  micro-batch only: earlier ones accumulate locally (DDP's `no_sync`). The buffer is kept from step to
+  step and the reduced values become the gradients, as views.
+- Stage 2 reduce-scatters each bucket into this rank's piece of it, after every micro-batch (stage 2
+  never holds more than one micro-batch of whole gradients). The layout gives each rank the r-th
+  piece of every segment, so a bucket's reduce-scatter lands exactly in the shard; a bucket's whole
+  gradients are dropped as soon as they are copied out, and the buffers when every bucket's
+  collective is done (`finish`): the peak is the whole gradients once, as without buckets.
 
 Buckets start in one fixed order on every rank (bucket k only after k-1), so the collectives match
 even where ranks finish their buckets in another order. A bucket whose parameters got no gradient
@@ -19,7 +22,7 @@ even where ranks finish their buckets in another order. A bucket whose parameter
 
 Why ours and not DDP's reducer: ZeRO 1-2 keep 1/N of the optimizer states and stage 2 1/N of the
 gradients, which DDP (whole everything) cannot express; DDP's comm hooks still reduce whole buckets
-on every rank. This is the same idea, on our flat layout, feeding ZeRO-1's sharded update.
+on every rank. FSDP2 does this for stage 3, where parameters are sharded too.
 """
 
 from __future__ import annotations
@@ -31,63 +34,56 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.comms import watch
-from parallel.flat_layout import FlatLayout
+from parallel.flat_layout import FlatLayout, Segment
 
 DEFAULT_CAP_BYTES = 4 * 2**20
 
 
 @dataclass
 class _Bucket:
-    first: int  # parameters [first, last) of the flat layout
-    last: int
-    lo: int  # their span [lo, hi) of the flat vector
-    hi: int
+    seg: Segment
     ready: set[int] = field(default_factory=set)
     work: dist.Work | None = None
+    buf: torch.Tensor | None = None  # stage 2: the bucket's gradients until its reduce-scatter is done
 
 
 class GradBuckets:
-    """Bucketed, overlapped reduction of the parameters' gradients (see the module docstring)."""
+    """Bucketed, overlapped reduction of the parameters' gradients (see the module docstring): an
+    all-reduce of each bucket, or with `scatter` a reduce-scatter into this rank's shard."""
 
     def __init__(
-        self, params: list[nn.Parameter], flat: FlatLayout, group: dist.ProcessGroup,
-        cap_bytes: int = DEFAULT_CAP_BYTES,
-    ) -> None:  # fmt: skip
-        self.params, self.flat, self.group = params, flat, group
+        self, params: list[nn.Parameter], flat: FlatLayout, group: dist.ProcessGroup, scatter: bool = False
+    ) -> None:
+        self.params, self.flat, self.group, self.scatter = params, flat, group, scatter
         self.device = params[0].device
-        cap = max(1, cap_bytes // params[0].element_size())
-        self.buckets: list[_Bucket] = []
-        last = len(params)
-        while last > 0:  # from the end: backward's order
-            first = last - 1
-            while first > 0 and flat.spans[last - 1][1] - flat.spans[first - 1][0] <= cap:
-                first -= 1
-            self.buckets.append(_Bucket(first, last, flat.spans[first][0], flat.spans[last - 1][1]))
-            last = first
-        self.bucket_of = {i: b for b in self.buckets for i in range(b.first, b.last)}
-        # The flat vector of the gradients, kept from step to step: a fresh one each step cost a
-        # fill and the page faults of first touch (37 ms a step for the debug preset on CPU). Its
-        # values are the reduced gradients (views) until the optimizer has stepped.
-        self._flat = torch.zeros(flat.size, device=self.device)
-        self.buf: torch.Tensor | None = None  # the flat vector, while a backward is armed
+        self.buckets = [_Bucket(seg) for seg in reversed(flat.segments)]  # backward's order
+        self.bucket_of = {i: b for b in self.buckets for i in range(b.seg.first, b.seg.last)}
+        # Stages 0-1: the flat vector of the gradients, kept from step to step: a fresh one each step
+        # cost a fill and the page faults of first touch (37 ms a step for the debug preset on CPU).
+        # Its values are the reduced gradients (views) until the optimizer has stepped. Stage 2: this
+        # rank's (S,) shard of each micro-batch's reduced gradients.
+        self._out = (
+            torch.empty(flat.shard_size, device=self.device) if scatter else torch.zeros(flat.size, device=self.device)
+        )
+        self.armed = False
         self.next = 0  # the next bucket to start
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
 
     def arm(self) -> None:
         """Reduce during the coming backward (the gradients of the step before must be done with)."""
-        self.buf, self.next = self._flat, 0
+        self.armed, self.next = True, 0
         for b in self.buckets:
             b.ready.clear()
             b.work = None
 
     def _hook(self, i: int):  # noqa: ANN202
         def hook(_: torch.Tensor) -> None:
-            if self.buf is None:
+            if not self.armed:
                 return
             self.bucket_of[i].ready.add(i)
             while self.next < len(self.buckets):
                 b = self.buckets[self.next]
-                if len(b.ready) < b.last - b.first:
+                if len(b.ready) < b.seg.last - b.seg.first:
                     return
                 self._start(b)
                 self.next += 1
@@ -95,31 +91,43 @@ class GradBuckets:
         return hook
 
     def _start(self, b: _Bucket) -> None:
-        """Copy the bucket's gradients into the flat buffer and start its reduction."""
-        assert self.buf is not None
-        for i in range(b.first, b.last):
+        """Copy the bucket's gradients into its buffer and start its reduction."""
+        seg = b.seg
+        buf = torch.empty(seg.hi - seg.lo, device=self.device) if self.scatter else self._out[seg.lo : seg.hi]
+        buf[self.flat.spans[seg.last - 1][1] - seg.lo :] = 0.0  # the padding (zeros in the kept vector already)
+        for i in range(seg.first, seg.last):
             p, (lo, hi) = self.params[i], self.flat.spans[i]
+            dst = buf[lo - seg.lo : hi - seg.lo]
             if p.grad is None:
-                self.buf[lo:hi] = 0.0  # no gradient this step
-            elif p.grad.data_ptr() != self.buf[lo:hi].data_ptr():  # not already our view
-                self.buf[lo:hi] = p.grad.reshape(-1)
-        b.work = dist.all_reduce(self.buf[b.lo : b.hi], group=self.group, async_op=True)
+                dst.zero_()  # no gradient this step
+            elif p.grad.data_ptr() != dst.data_ptr():  # not already our view
+                dst.copy_(p.grad.reshape(-1))
+            if self.scatter:
+                p.grad = None  # copied out: the whole gradient is not needed again
+        if self.scatter:
+            b.buf = buf
+            out = self._out[seg.at : seg.at + seg.piece]
+            b.work = dist.reduce_scatter_single(out, buf, group=self.group, async_op=True)
+        else:
+            b.work = dist.all_reduce(buf, group=self.group, async_op=True)
 
     def finish(self) -> torch.Tensor | None:
         """After backward: start what is left, wait for everything. Returns the flat vector of the
-        gradients summed over the group, or None when the backward was not armed."""
-        buf = self.buf
-        if buf is None:
+        gradients summed over the group (stages 0-1) or this rank's shard of it (stage 2); None when
+        the backward was not armed."""
+        if not self.armed:
             return None
         for b in self.buckets[self.next :]:
             self._start(b)  # buckets with a parameter that got no gradient
-        self.buf = None
-        with watch("dp", "all-reduce of gradients"):
+        self.armed = False
+        with watch(
+            *(("dp_shard", "reduce-scatter of gradients") if self.scatter else ("dp", "all-reduce of gradients"))
+        ):
             for b in self.buckets:
                 if b.work is not None:
                     b.work.wait()
-                b.work = None
-        return buf
+                b.work, b.buf = None, None
+        return self._out
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -36,8 +36,8 @@ class Collective:
     what: str
     hides_behind: Literal["", "compute", "attention"] = ""
     """What it can overlap with: FSDP2's prefetched all-gathers and asynchronous reduce-scatters run beside
-    the neighbouring block's compute; ring attention posts the next K/V before computing the current block.
-    Everything else blocks the step."""
+    the neighbouring block's compute, as ZeRO 0-2's gradient buckets do beside backward (tp=1, pp=1); ring
+    attention posts the next K/V before computing the current block. Everything else blocks the step."""
 
     @property
     def wire(self) -> float:
@@ -69,14 +69,19 @@ def collectives(cfg: Config, dtype: str = "fp32", pp_rank: int = 0) -> list[Coll
     cb = compute_bytes(dtype)
 
     # data parallel (and cp, whose ranks average gradients like data-parallel ranks)
+    # ZeRO 0-2 reduce in buckets while backward runs where tp=1 and pp=1 (parallel/grad_buckets.py), over
+    # the first axis that reduces; the other axes follow after backward.
+    buckets = p.tp == 1 and p.pp == 1
     if p.zero in (0, 1):
-        add("dp_shard", "all_reduce", flat * 4, 1, n, "gradients (flat, once per step)")
-        add("dp_replicate", "all_reduce", flat * 4, 1, rep, "gradients (flat, once per step)")
-        add("cp", "all_reduce", flat * 4, 1, p.cp, "gradients (flat, once per step)")
+        first = next((a for a, size in (("dp_shard", n), ("dp_replicate", rep), ("cp", p.cp)) if size > 1), "")
+        for axis, size in (("dp_shard", n), ("dp_replicate", rep), ("cp", p.cp)):
+            hides = "compute" if buckets and axis == first else ""
+            add(axis, "all_reduce", flat * 4, 1, size, "gradients (flat, once per step)", hides)
         if p.zero == 1:
             add("dp_shard", "all_gather", flat * 4, 1, n, "updated parameters")
     elif p.zero == 2:
-        add("dp_shard", "reduce_scatter", flat * 4, micro if p.pp == 1 else 1, n, "gradients into shards")
+        hides = "compute" if buckets else ""
+        add("dp_shard", "reduce_scatter", flat * 4, micro if p.pp == 1 else 1, n, "gradients into shards", hides)
         add("dp_replicate", "all_reduce", shard * 4, 1, rep, "gradient shard")
         add("cp", "all_reduce", shard * 4, 1, p.cp, "gradient shard")
         add("dp_shard", "all_gather", flat * 4, 1, n, "updated parameters")

@@ -6,8 +6,9 @@ the optimizer's update (see `_memory_probe` in the harness). P = model parameter
 (fp32), N = 4 data-parallel ranks; AdamW keeps two states per element.
 
 What the peak adds to the textbook table: ZeRO-2 shards the gradients it keeps, but each
-micro-batch's backward first produces the whole gradients (this engine reduce-scatters them
-after the backward, not bucket by bucket), so for a moment a rank holds P + P/N of gradients.
+micro-batch's backward first produces the whole gradients: this engine copies each bucket's into a
+buffer and reduce-scatters it while backward goes on, and keeps the buffers until the last bucket's
+reduction is done, so for a moment a rank holds P + P/N of gradients.
 ZeRO-3's unsharded gradients live inside FSDP's backward hooks one block at a time and are
 reduce-scattered there, before any sample point; what it keeps is P/N.
 """

@@ -25,10 +25,11 @@ LAYOUTS = {
     "dp4-hsdp2-zero3": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=3"]),
     # HSDP with our own ZeRO-1: shards over dp_shard, all-reduces the shards over dp_replicate.
     "dp4-hsdp2-zero1": (4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero=1", "parallel.bucket_mb=0.02"]),
-    # 2 micro-batches of accumulation per rank; stage 2 reduce-scatters after each. bucket_mb=0.02: many
-    # buckets all-reduced while backward runs (parallel/grad_buckets.py), as in dp2-zero1 and hsdp2-zero1.
+    # 2 micro-batches of accumulation per rank. bucket_mb=0.02: many buckets reduced while backward runs
+    # (parallel/grad_buckets.py): all-reduced in the last micro-batch's (zero 0-1, as in dp2-zero1 and
+    # hsdp2-zero1), reduce-scattered in each micro-batch's (zero 2).
     "dp2-accum2-zero0": (2, ["parallel.dp=2", "train.micro_batch=2", "parallel.bucket_mb=0.02"]),
-    "dp2-accum2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", "train.micro_batch=2"]),
+    "dp2-accum2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", "train.micro_batch=2", "parallel.bucket_mb=0.02"]),
     "ac-full": (1, ["parallel.activation_checkpointing=full"]),
     "ac-selective": (1, ["parallel.activation_checkpointing=selective"]),
 }
