@@ -24,14 +24,23 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.dist.harness import spawn  # noqa: E402  (reuses the tests' gloo launcher)
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2)]
+# (label, pp_schedule, pp_virtual): "1f1b torch" is torch's own 1F1B loop, which waits for each send
+# with the next receive, beside ours (parallel/pipeline_schedules.py), in the same run.
+SCHEDULES = [("gpipe", "gpipe", 1), ("1f1b", "1f1b", 1), ("1f1b torch", "1f1b", 1),
+             ("interleaved_1f1b", "interleaved_1f1b", 2), ("zbv", "zbv", 2)]  # fmt: skip
 
 
-def _run(rank: int, world: int, schedule: str, virtual: int, micro: int, steps: int) -> dict:
+def _run(rank: int, world: int, label: str, schedule: str, virtual: int, micro: int, steps: int) -> dict:
     import time
 
+    from torch.distributed.pipelining.schedules import Schedule1F1B
+
+    from parallel import pipeline_parallel
     from parallel.config import build_config
     from parallel.trainer import Trainer
+
+    if label == "1f1b torch":
+        pipeline_parallel.SCHEDULES["1f1b"] = Schedule1F1B
 
     cfg = build_config(
         {
@@ -65,11 +74,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for pp in args.pp:
             theory = (pp - 1) / (m + pp - 1)
-            for schedule, virtual in SCHEDULES:
-                results = spawn(_run, pp, Path(tmp), schedule, virtual, m, args.steps)
+            for label, schedule, virtual in SCHEDULES:
+                results = spawn(_run, pp, Path(tmp), label, schedule, virtual, m, args.steps)
                 step = max(r["step_s"] for r in results)
                 ideal = max(r["busy_s"] for r in results)
-                print(f"{pp:>3} {schedule:<17} {step:>9.3f} {ideal:>10.3f} {1 - ideal / step:>7.1%} {theory:>12.1%}",
+                print(f"{pp:>3} {label:<17} {step:>9.3f} {ideal:>10.3f} {1 - ideal / step:>7.1%} {theory:>12.1%}",
                       flush=True)  # fmt: skip
 
 

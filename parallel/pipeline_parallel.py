@@ -24,7 +24,6 @@ from collections.abc import Callable
 import torch
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
-    Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
@@ -33,10 +32,11 @@ from torch.distributed.pipelining.schedules import (
 
 from parallel.config import Config, ModelConfig, ParallelConfig
 from parallel.model import Transformer
+from parallel.pipeline_schedules import Schedule1F1BEagerSends
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
+    "1f1b": Schedule1F1BEagerSends,  # torch's 1F1B, its sends not waited for before receives (gloo)
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zbv": ScheduleZBVZeroBubble,
 }
