@@ -1,5 +1,7 @@
-"""The engine next to plain PyTorch peers, in one run: dp=2 ZeRO-0 vs plain DDP, ZeRO-3 vs plain FSDP2,
-each also with train.compile (regional torch.compile of the blocks; compile time not counted).
+"""The engine next to plain PyTorch peers, in one run: dp=2 ZeRO-0 vs plain DDP, ZeRO-1 vs DDP with torch's
+ZeroRedundancyOptimizer, ZeRO-2 vs FSDP2 without resharding after forward (its ZeRO-2-like mode), ZeRO-3 vs
+plain FSDP2, ZeRO-0 and ZeRO-3 also with train.compile (regional torch.compile of the blocks; compile time
+not counted).
 
 Two processes (gloo on 127.0.0.1, one thread each) build every contender once on the same model
 class (`parallel.model.Transformer`, the preset given), then time them in turn, --rounds times
@@ -7,8 +9,9 @@ class (`parallel.model.Transformer`, the preset given), then time them in turn, 
 
 - fourfold: `parallel.trainer.Trainer` with parallel.dp=2 and zero 0 or 3, one `train_step` a step
   (its data loader, the loss all-reduce and the metrics it reports included);
-- the peers: a loop of forward, cross-entropy, backward and AdamW over `DistributedDataParallel`, or
-  over `fully_shard` applied to each block and then the root (FSDP2), on pre-made random tokens.
+- the peers: a loop of forward, cross-entropy, backward and AdamW over `DistributedDataParallel` (AdamW
+  or `ZeroRedundancyOptimizer` over AdamW), or over `fully_shard` applied to each block and then the
+  root (FSDP2, with or without `reshard_after_forward`), on pre-made random tokens.
 
 - torchtitan 0.3.0 (when it is installed: `make bench` runs this script in .venv-peers, made from
   bench/peers-requirements.txt): its own llama3 `debugmodel` built from its model registry, parallelized
@@ -42,6 +45,8 @@ import torch.multiprocessing as mp
 PAIRS = (
     ("fourfold ZeRO-0", "plain DDP"),
     ("fourfold ZeRO-0 compiled", "plain DDP"),
+    ("fourfold ZeRO-1", "DDP + ZeroRedundancyOptimizer"),
+    ("fourfold ZeRO-2", "FSDP2 reshard_after_forward=False"),
     ("fourfold ZeRO-3", "plain FSDP2"),
     ("fourfold ZeRO-3 compiled", "plain FSDP2"),
 )
@@ -84,6 +89,7 @@ def _peer(args: argparse.Namespace, kind: str) -> Any:
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     from parallel.config import ModelConfig
@@ -93,13 +99,17 @@ def _peer(args: argparse.Namespace, kind: str) -> Any:
     torch.manual_seed(0)
     model = Transformer(cfg, max_seq_len=args.seq_len)
     model.init_weights(0)
-    if kind == "plain DDP":
+    if kind in ("plain DDP", "DDP + ZeroRedundancyOptimizer"):
         model = DistributedDataParallel(model)
-    else:
+    else:  # FSDP2; without resharding after forward it keeps whole parameters through backward (ZeRO-2's memory)
+        reshard = kind == "plain FSDP2"
         for block in model.layers.values():
-            fully_shard(block)
-        fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            fully_shard(block, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+    if kind == "DDP + ZeroRedundancyOptimizer":  # torch's ZeRO-1: whole parameters per rank, states sharded
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(dist.get_rank())
     tokens = torch.randint(0, cfg.vocab_size, (args.global_batch // 2, args.seq_len + 1), generator=g)
 
@@ -202,6 +212,10 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         "fourfold ZeRO-0": _ours(args, 0),
         "fourfold ZeRO-0 compiled": _ours(args, 0, compile=True),
         "plain DDP": _peer(args, "plain DDP"),
+        "fourfold ZeRO-1": _ours(args, 1),
+        "DDP + ZeroRedundancyOptimizer": _peer(args, "DDP + ZeroRedundancyOptimizer"),
+        "fourfold ZeRO-2": _ours(args, 2),
+        "FSDP2 reshard_after_forward=False": _peer(args, "FSDP2 reshard_after_forward=False"),
         "fourfold ZeRO-3": _ours(args, 3),
         "fourfold ZeRO-3 compiled": _ours(args, 3, compile=True),
         "plain FSDP2": _peer(args, "plain FSDP2"),
