@@ -20,8 +20,11 @@ It runs the engine the way a user does, `python -m parallel.train [--nproc-per-n
    what zero z saves against zero 0 must be the formula's saving within +-P: activations are the
    same at every stage, and the largest transient, a flat copy of the gradients or parameters for a
    collective, is at most P.
-4. mfu: the 1b preset on one GPU in bf16 against the datasheet peak of parallel/flops.py (median of
-   the steps after warm-up); reported, and checked only to lie in (0, 1].
+4. mfu: the 1b and 8b presets on one GPU in bf16 with `train.compile` and full recomputation, against
+   the datasheet peak of parallel/flops.py (median of the steps after warm-up): tokens/s, MFU, peak
+   memory, compile seconds; reported, and checked only to lie in (0, 1]. A preset whose fp32 weights,
+   gradients and AdamW states (16 bytes a parameter) exceed the GPU is reported as not fitting (8b
+   needs 120 GiB: it fits an H200's 141 GB, not an 80 GB H100).
 
 Prints a table per check and a summary; exits 1 when a check failed, 0 otherwise. Without CUDA it
 says so and exits 0 without claiming anything.
@@ -84,6 +87,15 @@ def zero_state_bytes(n_params: int, zero: int, dp: int, bytes_per_value: int = 4
     grads = p if zero < 2 else (p + p / dp if zero == 2 else p / dp)
     optimizer = 2 * p if zero == 0 else 2 * p / dp
     return params, grads, optimizer
+
+
+def one_gpu_state_bytes(preset: str) -> int:
+    """fp32 master weights, fp32 gradients and AdamW's two fp32 states of `preset` on one GPU: 16 bytes
+    a parameter before any activation (the MFU check says a preset does not fit rather than OOM)."""
+    from parallel.config import ModelConfig
+    from parallel.flops import param_count
+
+    return 16 * param_count(ModelConfig(preset=preset))
 
 
 def max_rel_gap(got: list[float], want: list[float]) -> float:
@@ -245,26 +257,41 @@ def check_memory(c: Checker, n_gpus: int, preset: str) -> None:
     print(format_table(headers, rows), flush=True)
 
 
-def check_mfu(c: Checker, device_name: str, peak: float | None, seq_len: int, micro_batch: int) -> None:
-    """`peak`: the bf16 TFLOP/s the engine measures MFU against (None: unknown, MFU not claimed)."""
-    print(f"\n== mfu: 1b preset, one GPU, bf16, seq_len {seq_len}, micro_batch {micro_batch} ==", flush=True)
-    sets = ["model.preset=1b", "train.dtype=bfloat16", f"train.seq_len={seq_len}", f"train.micro_batch={micro_batch}",
-            f"train.global_batch={micro_batch}"]  # fmt: skip
-    run = c.engine("1b bf16", 1, sets, steps=10)
+def check_mfu(c: Checker, device_name: str, peak: float | None, preset: str, seq_len: int, micro_batch: int) -> None:
+    """`peak`: the bf16 TFLOP/s the engine measures MFU against (None: unknown, MFU not claimed).
+    One GPU, bf16 compute, `train.compile` and full recomputation, as a user would train it there."""
+    import torch
+
+    check = f"mfu {preset}"
+    print(f"\n== {check}: one GPU, bf16, compile, full recomputation, seq_len {seq_len}, "
+          f"micro_batch {micro_batch} ==", flush=True)  # fmt: skip
+    states = one_gpu_state_bytes(preset)
+    total = torch.cuda.get_device_properties(0).total_memory
+    if states > total:
+        need, have = states / GiB, total / GiB
+        c.verdict(check, None, f"does not fit one GPU: weights, gradients and AdamW states need {need:.0f} GiB, "
+                               f"the GPU has {have:.0f} GiB (shard it: zero 3)")  # fmt: skip
+        return
+    sets = [f"model.preset={preset}", "train.dtype=bfloat16", f"train.seq_len={seq_len}",
+            f"train.micro_batch={micro_batch}", f"train.global_batch={micro_batch}", "train.compile=true",
+            "parallel.activation_checkpointing=full"]  # fmt: skip
+    run = c.engine(f"{preset} bf16", 1, sets, steps=10)
     if not run.ok:
-        c.verdict("mfu 1b", False, run.why())
+        c.verdict(check, False, run.why())
         return
     timed = run.rows[3:] or run.rows  # the first steps warm up kernels and the allocator
     mfu = statistics.median(float(r["mfu"]) for r in timed)
     tflops = statistics.median(float(r["tflops"]) for r in timed)
     tok_s = statistics.median(float(r["tokens_per_s"]) for r in timed)
+    compile_s = sum(float(r.get("compile_s", 0.0)) for r in run.rows)
     shown = f"{mfu * 100:.1f}%" if peak else "-"
-    rows = [[device_name, peak, tflops, round(tok_s), shown, run.rows[-1]["peak_mem_bytes"] / GiB]]
-    print(format_table(["device", "peak TFLOP/s", "achieved", "tokens/s", "MFU", "peak GiB"], rows), flush=True)
+    rows = [[device_name, preset, peak, tflops, round(tok_s), shown, run.rows[-1]["peak_mem_bytes"] / GiB, compile_s]]
+    headers = ["device", "preset", "peak TFLOP/s", "achieved", "tokens/s", "MFU", "peak GiB", "compile s"]
+    print(format_table(headers, rows), flush=True)
     if peak:
-        c.verdict("mfu 1b", 0 < mfu <= 1, f"MFU {shown} of {peak:g} TFLOP/s bf16, {tok_s:,.0f} tokens/s")
+        c.verdict(check, 0 < mfu <= 1, f"MFU {shown} of {peak:g} TFLOP/s bf16, {tok_s:,.0f} tokens/s")
     else:
-        c.verdict("mfu 1b", None, f"{tflops:.1f} TFLOP/s achieved; no datasheet peak for {device_name!r}")
+        c.verdict(check, None, f"{tflops:.1f} TFLOP/s achieved; no datasheet peak for {device_name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps of the parity and layout runs")
     parser.add_argument("--memory-preset", default="125m", help="model of the memory check")
+    parser.add_argument("--mfu-presets", nargs="+", default=["1b", "8b"], help="models of the MFU check")
     parser.add_argument("--mfu-seq-len", type=int, default=2048)
     parser.add_argument("--mfu-micro-batch", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU the flops.py table lacks")
@@ -303,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 c.verdict("memory", None, "needs 2 GPUs or more (ZeRO shards over dp)")
         if "mfu" not in args.skip:
             peak = args.peak_tflops or (table_peak_tflops(name, torch.bfloat16)[0] if acc and acc.bf16 else None)
-            check_mfu(c, name, peak, args.mfu_seq_len, args.mfu_micro_batch)
+            for preset in args.mfu_presets:
+                check_mfu(c, name, peak, preset, args.mfu_seq_len, args.mfu_micro_batch)
     print("\n== summary ==")
     print(format_table(["check", "result", "detail"], [[a, b, d] for a, b, d in c.summary]), flush=True)
     failed = [row[0] for row in c.summary if row[1] is False]

@@ -69,3 +69,13 @@ def test_every_layout_it_runs_is_a_valid_config(n_gpus: int) -> None:
         assert world <= n_gpus, name
         cfg = load_config(None, [*gpu_check.BASE, *sets], world_size=world)
         assert cfg.parallel.world_size == world
+
+
+def test_mfu_presets_memory_on_one_gpu() -> None:
+    # 8b's fp32 weights, gradients and AdamW states alone outgrow an 80 GB H100 but fit an H200's
+    # 141 GB: the check runs it where it fits and says "does not fit" elsewhere, never an OOM.
+    from parallel.config import ModelConfig
+    from parallel.flops import param_count
+
+    assert gpu_check.one_gpu_state_bytes("1b") == 16 * param_count(ModelConfig(preset="1b"))
+    assert 80e9 < gpu_check.one_gpu_state_bytes("8b") < 141e9
