@@ -66,7 +66,7 @@ $(PEERS_STAMP): bench/peers-requirements.txt
 	touch $(PEERS_STAMP)
 
 # What the CPU suite cannot run, on a machine with CUDA: fp32 parity with the CPU, every layout over
-# NCCL in bf16 and fp32, ZeRO peak memory against the formulas, MFU of the 1b preset. Without CUDA
+# NCCL in bf16 and fp32, ZeRO peak memory against the formulas, MFU of the 1b and 8b presets. Without CUDA
 # it says so and exits 0. Options: make gpu-check GPU_CHECK_ARGS="--skip mfu".
 gpu-check: setup
 	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
