@@ -59,7 +59,7 @@ from parallel.ckpt_storage import (  # the storage side, re-exported for the eng
 )
 from parallel.config import Config
 from parallel.data_parallel import STATE_KEYS
-from parallel.model import Transformer
+from parallel.model import Transformer, persistent_buffers
 
 __all__ = [
     "CheckpointError", "CheckpointInfo", "Checkpointer", "check_storage", "latest_complete",
@@ -124,6 +124,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, parts: list[nn.Module], optimizer: Any, rank: int) -> None:
         self.cfg, self.parts, self.optimizer, self.rank = cfg, parts, optimizer, rank
         self.named = [(_strip(n), p) for m in parts for n, p in m.named_parameters() if p.requires_grad]
+        # State that is not a parameter: the persistent buffers (MoE routing biases), whole on every rank.
+        self.buffers = [(_strip(n), b) for m in parts for n, b in persistent_buffers(m)]
         # Checkpoint traffic gets its own gloo group so a background save never interleaves
         # with the training collectives; `poll` gets another, because the background save's
         # thread issues collectives on `group` while the training thread polls.
@@ -137,7 +139,7 @@ class Checkpointer:
     def _state(self) -> dict[str, Any]:
         states = self.optimizer.export_states()
         return {
-            "model": dict(self.named),
+            "model": dict(self.named) | dict(self.buffers),
             "optim": {n: states[id(p)] for n, p in self.named if id(p) in states},
             "rng": {f"rank{self.rank}": _rng_state()},  # each rank's own generators
         }
@@ -280,7 +282,7 @@ class Checkpointer:
         # empty, not zeros: the load writes every element (a key it lacks is an error below).
         template = {n: {k: torch.empty_like(p) for k in STATE_KEYS} for n, p in self.named}
         rng_key, rng = self._rng_template(meta)
-        state = {"model": dict(self.named), "optim": template, "rng": {rng_key: rng}}
+        state = {"model": dict(self.named) | dict(self.buffers), "optim": template, "rng": {rng_key: rng}}
         try:
             with torch.no_grad():
                 dcp.load(state, storage_reader=reader(path), process_group=self.group)

@@ -15,18 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parallel.auto import expand_auto
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config: one line, naming the field and what is valid."""
-
-
-class _Section(BaseModel):
-    # allow_inf_nan: a YAML `.inf` or a JSON `Infinity` is never a valid setting.
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
-    )
-
+from parallel.config_base import ConfigError
+from parallel.config_base import Section as _Section
+from parallel.moe_config import MOE_PRESETS, MoEConfig, check_moe
 
 # Llama-3-style dimensions. `tiny` is sized for multi-rank CPU tests: 8 query heads
 # and 4 KV heads (GQA) so tp in {1, 2, 4} works, 4 layers so pp up to 4 works.
@@ -37,6 +28,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256, rope_theta=500000.0),
     "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, rope_theta=500000.0),
     "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256, rope_theta=500000.0),
+    # Mixture-of-experts presets: attention shapes here, experts in moe_config.MOE_PRESETS.
+    "tiny-moe": dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=256),
+    "debug-moe": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=256),
+    "mixtral-8x7b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000, rope_theta=1000000.0
+    ),  # fmt: skip
 }
 
 
@@ -45,8 +42,9 @@ def _field_default(model: BaseModel, name: str) -> Any:
 
 
 class ModelConfig(_Section):
-    preset: Literal["tiny", "debug", "125m", "1b", "8b", "70b"] | None = "tiny"
-    """Named size (tiny, debug, 125m, 1b, 8b, 70b). Explicit fields below override it."""
+    preset: Literal["tiny", "debug", "125m", "1b", "8b", "70b", "tiny-moe", "debug-moe", "mixtral-8x7b"] | None = "tiny"
+    """Named size (tiny, debug, 125m, 1b, 8b, 70b; mixture-of-experts: tiny-moe, debug-moe, mixtral-8x7b).
+    Explicit fields below override it."""
     dim: int | None = Field(None, gt=0)
     """Hidden size of the residual stream."""
     n_layers: int | None = Field(None, gt=0)
@@ -67,6 +65,20 @@ class ModelConfig(_Section):
     """Standard deviation of the normal initialisation of linear and embedding weights."""
     init_from: str | None = Field(None, json_schema_extra={"x-storage": "read"})
     """Start from a Hugging Face Llama directory (config.json + safetensors), e.g. a `fourfold ckpt export`."""
+    moe: MoEConfig | None = None
+    """Mixture of experts (parallel/moe.py): the MLP of some or all blocks becomes routed experts. Unset: dense.
+    An MoE preset fills it; fields given here override the preset's."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moe_from_preset(cls, data: Any) -> Any:
+        # The preset's experts, under whatever of them the spec sets itself (model.moe.top_k=1 keeps the rest).
+        preset = data.get("preset") if isinstance(data, dict) else None
+        if isinstance(preset, str) and preset in MOE_PRESETS and data.get("moe", {}) is not None:
+            given = data.get("moe") or {}
+            if isinstance(given, dict):
+                data = {**data, "moe": {**MOE_PRESETS[preset], **given}}
+        return data
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> ModelConfig:
@@ -87,6 +99,12 @@ class ModelConfig(_Section):
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.moe is not None:
+            if self.moe.expert_ffn_dim is None:
+                object.__setattr__(self.moe, "expert_ffn_dim", self.ffn_dim)
+            if not self.moe.moe_layers(self.n_layers):
+                raise ValueError(f"moe.first_dense={self.moe.first_dense} leaves no MoE block of the "
+                                 f"{self.n_layers} layers; use 0 to {self.n_layers - 1}")  # fmt: skip
         return self
 
     @property
@@ -378,6 +396,7 @@ def check(cfg: Config, world_size: int | None = None) -> Config:
             + ")"
         )
     _check_pipeline(cfg)
+    check_moe(cfg)
     if cfg.checkpoint.resume == "auto" and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume=auto needs checkpoint.dir to look in")
     if cfg.data.source != "synthetic" and not cfg.data.path:

@@ -21,6 +21,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from parallel.config import PRESETS, Config
+from parallel.moe_config import MOE_PRESETS, MoEConfig
+
+MOE_COLUMNS = ("n_experts", "top_k", "expert_ffn_dim", "n_shared_experts", "first_dense")
 
 # One sentence per section, shown above its table. Everything else comes from the schema.
 SECTION_INTROS: dict[str, str] = {
@@ -61,6 +64,8 @@ CROSS_FIELD_CHECKS = (
     "a multiple of `max(1, microbatches // pp)`).",
     "`data.path` is required for `data.source` `text` and `tokens`; the data is opened and checked before any "
     "process group exists.",
+    "With `model.moe`: `top_k` is at most `n_experts`, at least one block is an MoE block, and (so far) "
+    "`parallel.tp` and `parallel.cp` are 1, `train.compile` is off, `model.init_from` and `plan.auto` unset.",
     "`dp * tp * pp * cp` equals the number of processes launched; an unset `parallel.dp` is taken as "
     "`world size / (tp * pp * cp)` when that divides.",
 )
@@ -190,6 +195,20 @@ def render_reference() -> str:
                 "Llama-3-style dimensions; `rope_theta` is 10000 unless listed otherwise.",
                 "",
                 *_preset_table(),
+                "",
+                "### `model.moe`",
+                "",
+                "Mixture of experts ([parallelism.md](parallelism.md#mixture-of-experts)). Set by the MoE presets, "
+                "whose experts are below; any field given here overrides the preset's.",
+                "",
+                *_field_table("model.moe", MoEConfig),
+                "",
+                "| preset | " + " | ".join(MOE_COLUMNS) + " |",
+                "|---" * (len(MOE_COLUMNS) + 1) + "|",
+                *(
+                    f"| `{k}` | " + " | ".join(_scalar(v.get(c, "")) for c in MOE_COLUMNS) + " |"
+                    for k, v in MOE_PRESETS.items()
+                ),
                 "",
             ]
     out += ["## Checks across fields", "", "Made by `check()` in parallel/config.py before any process group exists:"]

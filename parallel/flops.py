@@ -35,19 +35,27 @@ __all__ = [
 ]
 
 
-def param_count(model: ModelConfig, include_embedding: bool = True) -> int:
+def param_count(model: ModelConfig, include_embedding: bool = True, active: bool = False) -> int:
     """Exact number of parameters of the Llama-style decoder described by `model`.
 
     Token embedding (vocab x dim); per block two RMSNorm weights (dim each), wq (dim -> n_heads*head_dim),
     wk and wv (dim -> n_kv_heads*head_dim), wo (n_heads*head_dim -> dim), SwiGLU w1, w3 (dim -> ffn_dim)
     and w2 (ffn_dim -> dim), no biases; a final RMSNorm (dim) and an untied output head (dim -> vocab).
+    An MoE block (`model.moe`) has instead a router (dim -> n_experts), n_experts SwiGLU experts of
+    expert_ffn_dim and, with shared experts, one SwiGLU of n_shared_experts * expert_ffn_dim.
     `include_embedding=False` leaves out only the input embedding table; the output head still counts.
+    `active=True` counts what one token uses: top_k of the routed experts (the rest are in memory, idle).
     """
     d, v, f = model.dim, model.vocab_size, model.ffn_dim
     q = model.n_heads * model.head_dim
     kv = model.n_kv_heads * model.head_dim
-    per_layer = 2 * d + d * q + 2 * d * kv + q * d + 3 * d * f
-    total = model.n_layers * per_layer + d + d * v
+    attention = 2 * d + d * q + 2 * d * kv + q * d
+    total = model.n_layers * (attention + 3 * d * f) + d + d * v
+    moe = model.moe
+    if moe is not None and moe.expert_ffn_dim is not None:
+        routed = moe.top_k if active else moe.n_experts
+        per_moe = d * moe.n_experts + 3 * d * moe.expert_ffn_dim * (routed + moe.n_shared_experts)
+        total += len(moe.moe_layers(model.n_layers)) * (per_moe - 3 * d * f)  # in place of the dense MLP
     if include_embedding:
         total += v * d
     return total
@@ -59,7 +67,8 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     Weights: every parameter outside the embedding table is used once per token in a matmul, one
     multiply and one add = 2 FLOPs forward; backward computes the gradient with respect to the input
     and with respect to the weight, 2 FLOPs each, so 6 FLOPs per parameter per token in all. N is
-    `param_count(model, include_embedding=False)`: the input embedding is a table lookup with no matmul,
+    `param_count(model, include_embedding=False, active=True)`: the input embedding is a table lookup with
+    no matmul, and of a mixture-of-experts block only the top_k experts a token goes to compute on it,
     while the output head is a real matmul and counts. (The RMSNorm weights are in N too; they are a
     negligible dim*(2L+1) parameters.)
 
@@ -81,7 +90,7 @@ def flops_per_token_terms(model: ModelConfig, seq_len: int) -> tuple[float, floa
     """The two terms of `flops_per_token`, `(weights, attention)` = `(6*N, 12*L*D*S)`; they sum to it."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    n = param_count(model, include_embedding=False)
+    n = param_count(model, include_embedding=False, active=True)  # a token's matmuls: its top_k experts
     d_attn = model.n_heads * model.head_dim
     return float(6 * n), float(12 * model.n_layers * d_attn * seq_len)
 

@@ -102,6 +102,9 @@ def hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096) -> dict[str
 
 def export_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
     """Write full (unsharded) weights under our names as an HF Llama directory."""
+    if cfg.moe is not None:
+        raise ConfigError("model.moe: Hugging Face export writes dense Llama models; the Mixtral layout for "
+                          "mixture-of-experts checkpoints is not written yet")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}

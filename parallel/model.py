@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parallel.config import ModelConfig
+from parallel.moe import MoE
 
 
 def rope_cache(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
@@ -84,23 +85,32 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """The SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        moe = cfg.moe
+        self.feed_forward: nn.Module
+        if moe is not None and moe.is_moe_layer(index):
+            assert moe.expert_ffn_dim is not None
+            shared = FeedForward(cfg.dim, moe.n_shared_experts * moe.expert_ffn_dim) if moe.n_shared_experts else None
+            self.feed_forward = MoE(cfg.dim, moe, shared)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope)
@@ -116,7 +126,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.max_seq_len = max_seq_len
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.positions: torch.Tensor | None = None  # token positions held here; None = 0..T-1
@@ -146,11 +156,26 @@ class Transformer(nn.Module):
         Each rank builds the full tensor and keeps its shard (no communication), so the
         cost is one parameter's full size at a time."""
         self.rope = self._rope_table().to(self.rope.device)
+        for m in self.modules():
+            if isinstance(m, MoE):  # its routing biases start at 0; its counts live where it does
+                m.expert_bias.zero_()
+                m.reset_stats()
         for name, param in self.named_parameters():
             full = _init_value(name, tuple(param.shape), seed, self.cfg)
             if isinstance(param, DTensor):
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(full.to(param.device))
+
+
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the buffers a state_dict holds (MoE routing biases; RoPE's table is not one),
+    found without building a state_dict (FSDP2 hooks that)."""
+    return [
+        (f"{prefix}.{name}" if prefix else name, b)
+        for prefix, mod in model.named_modules()
+        for name, b in mod._buffers.items()
+        if b is not None and name not in mod._non_persistent_buffers_set
+    ]
 
 
 def _init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) -> torch.Tensor:
@@ -160,6 +185,6 @@ def _init_value(name: str, shape: tuple[int, ...], seed: int, cfg: ModelConfig) 
     std = cfg.init_std
     # Residual-stream output projections are scaled down with depth (GPT-2 style) so
     # the residual variance does not grow with the number of layers.
-    if name.endswith(("wo.weight", "w2.weight")):
+    if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
         std = std / (2 * cfg.n_layers) ** 0.5
     return torch.empty(shape).normal_(0.0, std, generator=gen)

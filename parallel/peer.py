@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from parallel.config import ParallelConfig
 from parallel.mesh import AXES
+from parallel.model import persistent_buffers
 
 
 @dataclass
@@ -151,17 +152,27 @@ def capture(trainer: Any) -> Kept | None:
     if trainer is None or trainer.clean_step is None:
         return None
     params, states = trainer.optimizer.local_tensors()
+    params = params + _buffers(trainer)  # MoE routing biases ride along with the parameters
     return Kept(trainer.step, trainer.data.state_dict(), torch.get_rng_state(), params, states)
+
+
+def _buffers(trainer: Any) -> list[torch.Tensor]:
+    return [b for part in trainer.parts for _, b in persistent_buffers(part)]
 
 
 def restore(trainer: Any, kept: Kept) -> None:
     """Put a kept (or received) state into a freshly built trainer of the same layout."""
     params, _ = trainer.optimizer.local_tensors()
-    mine = [(tuple(t.shape), str(t.dtype)) for t in params]
+    buffers = _buffers(trainer)
+    mine = [(tuple(t.shape), str(t.dtype)) for t in params + buffers]
     theirs = kept.meta()["shapes"][: len(kept.params)]
     if mine != theirs:
         raise RuntimeError(f"peer state does not fit this rank: parameter shapes {theirs[:3]}... vs {mine[:3]}...")
-    trainer.optimizer.load_local(kept.params, kept.states, kept.step)
+    n = len(params)
+    trainer.optimizer.load_local(kept.params[:n], kept.states, kept.step)
+    with torch.no_grad():
+        for b, t in zip(buffers, kept.params[n:], strict=True):
+            b.copy_(t)
     trainer.step = kept.step
     trainer.data.load_state_dict(kept.data)
     torch.set_rng_state(kept.rng)

@@ -32,6 +32,7 @@ from torch.distributed.pipelining.schedules import (
 
 from parallel.config import Config, ModelConfig, ParallelConfig
 from parallel.model import Transformer
+from parallel.moe import moe_layers
 from parallel.pipeline_schedules import Schedule1F1BEagerSends
 
 SCHEDULES = {
@@ -102,6 +103,7 @@ class Pipeline:
         self.busy_s = 0.0  # time spent computing (not waiting), for bubble measurements
         for stage in self.stages:
             _track(stage, self)
+            _uncounted_inference(stage)
 
     def describe(self) -> str:
         """What this rank's pipeline was doing last (named in timeout errors). Transfers are
@@ -153,6 +155,27 @@ def _track(stage: PipelineStage, pipeline: Pipeline) -> None:
                 pipeline.busy_s += time.perf_counter() - start
 
         setattr(stage, name, tracked)
+
+
+def _uncounted_inference(stage: PipelineStage) -> None:
+    """torch runs each stage's forward once on its first call to infer the shapes it sends (on the
+    first micro-batch, or on uninitialised tensors after the first stage): the MoE blocks must not
+    count that forward in the step's router statistics."""
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:
+        return
+    layers = moe_layers(stage.submod)
+
+    def uncounted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for m in layers:
+            m.counting = False
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            for m in layers:
+                m.counting = True
+
+    stage._forward_metadata_inference = uncounted
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from parallel.context_parallel import shard_sequence
 from parallel.data import DataStream, TokenSource, build_source
 from parallel.flops import achieved_tflops, flops_per_token, peak_tflops
 from parallel.mesh import Layout, init_distributed
+from parallel.moe import RouterStats
 from parallel.parallelize import build_model, build_optimizer, compile_seconds, compute_dtype, parallelize
 from parallel.pipeline_parallel import Pipeline, stage_ids
 from parallel.snapshot import Snapshots
@@ -80,6 +81,12 @@ class Trainer:
             self.pipeline = Pipeline(
                 cfg, self.parts, self.stage_ids, self.layout.group("pp"), self.device, self._loss_fn
             )
+        # mixture of experts: the aux loss's share of the gradient, and the router's metrics per step
+        self.router = None
+        if cfg.model.moe is not None:
+            scale = 1.0 if self.pipeline is not None else 1.0 / cfg.grad_accum  # as the loss is divided
+            data_groups = self.layout.groups("cp", "dp_replicate", "dp_shard")
+            self.router = RouterStats(self.parts, cfg.model.moe, scale, data_groups, self.layout.groups("pp"))
         # data
         if source is None:
             source = build_source(cfg.data, cfg.train.seq_len, cfg.train.seed, cfg.model.vocab_size)
@@ -172,6 +179,7 @@ class Trainer:
             self._ckpt_wait_s += self.checkpointer.before_update()
         self.phase = "optimizer"
         norm = self.optimizer.step(lr, self.cfg.train.grad_clip)
+        router = self.router.step(self.device) if self.router is not None else {}  # moves routing biases
         self.step = step
         # The step's one wait for the device: loss and norm read together (it also ends the step's
         # work on a GPU, so the step time below is the step's).
@@ -194,6 +202,7 @@ class Trainer:
             "step_time_s": step_time,
             "peak_mem_bytes": peak_memory_bytes(self.device),
             **({"compile_s": compile_s} if self.cfg.train.compile else {}),
+            **router,
         }
 
     @property

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from parallel.config import Config, ConfigError, ResourcesConfig, build_config
+from parallel.moe_config import MOE_NOT_MODELLED
 from parallel.planner import (
     ACCELERATORS,
     Accelerator,
@@ -199,6 +200,8 @@ def plan(
 ) -> tuple[dict[str, Any], list[Candidate]]:
     """The ranked layouts for `cfg` on `cluster` as plain data (the --json document, POST /v1/plan's
     answer), and the candidates themselves."""
+    if cfg.model.moe is not None:
+        raise PlanInputError("model.moe", None, MOE_NOT_MODELLED)
     eff = efficiency if efficiency is not None else default_efficiency(cluster)
     try:
         found = search(cfg, cluster, efficiency=eff, margin=margin, top=top, fixed=kept_fields(cfg))
@@ -343,6 +346,8 @@ def at_submit(
         return cfg, []
     if not cfg.plan.memory_check:
         return cfg, ["planner: memory check off (plan.memory_check: false)"]
+    if cfg.model.moe is not None:
+        return cfg, [f"planner: memory not checked at submit ({MOE_NOT_MODELLED})"]
     refusal = memory_refusal(cfg, shaped(cluster, min(cfg.parallel.world_size, cluster.world)))
     if refusal is not None:
         raise PlanInputError("parallel", None, refusal)
@@ -353,6 +358,8 @@ def predicted_run(cfg: Config, total: dict[str, dict[str, float]], accelerator: 
     """The planner's prediction for `cfg`'s own layout on the live cluster (`Prediction.as_dict`)."""
     from parallel.planner import predict
 
+    if cfg.model.moe is not None:
+        raise PlanInputError("model.moe", None, MOE_NOT_MODELLED)
     cluster, notes, _ = live_cluster(cfg, total, accelerator)
     target = shaped(cluster, min(cfg.parallel.world_size, cluster.world))
     try:

@@ -53,6 +53,7 @@ def ckpt_export(
 ) -> None:
     """Export a checkpoint's weights as a Hugging Face Llama directory (config.json + safetensors)."""
     from parallel.checkpoint import CheckpointError, load_full_weights, pick
+    from parallel.config import ConfigError
     from parallel.hf import export_hf
 
     try:
@@ -62,6 +63,8 @@ def ckpt_export(
         raise fail(str(err)) from None
     try:
         out = export_hf(weights, cfg.model, hf)
+    except ConfigError as err:
+        raise fail(f"{path}: {err}") from None
     except OSError as err:
         raise fail(f"--hf {hf}: cannot write there ({err.strerror or err})") from None
     n = sum(w.numel() for w in weights.values())

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from parallel.config import Config
+from parallel.config import Config, ConfigError
+from parallel.moe_config import MOE_NOT_MODELLED
 from parallel.planner.comms import collectives, comm_bytes
 from parallel.planner.hardware import Cluster, GiB, axis_links
 from parallel.planner.memory import peak_memory, zero_sizes
@@ -205,6 +206,8 @@ def predict(
     transfers block). Optimizer: AdamW reads and writes 32 bytes per owned element
     at memory bandwidth. Step = the slowest pp rank's sum plus the bubble. `peak`: what
     `planner.memory.peak_memory` answers, when the caller has it already."""
+    if cfg.model.moe is not None:
+        raise ConfigError(f"model.moe: {MOE_NOT_MODELLED}")
     acc = cluster.accelerator
     dtype = compute_dtype(cfg, cluster)
     tflops, rate, slow = _rates(cfg, cluster, efficiency)
