@@ -1,4 +1,5 @@
-"""Hugging Face Llama format: export a checkpoint, start a job from an export.
+"""Hugging Face Llama format (Mixtral for mixture-of-experts models): export a checkpoint, start a job
+from an export (dense models).
 
     fourfold ckpt export runs/x/ckpt/step-00000010 --hf runs/x/hf     # config.json + model.safetensors
     fourfold train --set model.init_from=runs/x/hf ...                 # start from it
@@ -97,21 +98,64 @@ def hf_config(cfg: ModelConfig, max_position_embeddings: int = 4096) -> dict[str
         initializer_range=cfg.init_std,
         torch_dtype="float32",
     )
+    if cfg.moe is not None:  # Mixtral: the same attention, every MLP a sparse MoE block
+        out.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            intermediate_size=cfg.moe.expert_ffn_dim,
+            num_local_experts=cfg.moe.n_experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            router_aux_loss_coef=cfg.moe.aux_loss_coef,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+        )
+        out.pop("mlp_bias")
     return out
 
 
+def _mixtral_refusal(cfg: ModelConfig) -> str | None:
+    """Why an MoE model cannot be written as Mixtral (None: it can). Mixtral: every block an MoE block,
+    softmax router, top-k weights renormalised, no shared experts, no routing bias."""
+    moe = cfg.moe
+    assert moe is not None
+    mixtral = {"score": "softmax", "norm_topk": True, "n_shared_experts": 0, "first_dense": 0, "every": 1,
+               "bias_update_rate": 0.0}  # fmt: skip
+    for field, want in mixtral.items():
+        value = getattr(moe, field)
+        if value != want:
+            return f"model.moe.{field}={value}: Mixtral has {field}={want}; no Hugging Face layout takes this model"
+    return None
+
+
+def _mixtral_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """An MoE block's tensor under Mixtral's hub names (None: not an MoE tensor). The stacked experts
+    (E, F, C) / (E, C, F) become one w1, w3, w2 per expert, as the hub's Mixtral checkpoints hold them
+    (transformers fuses them on load)."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[2] != "feed_forward" or parts[3] not in ("router", "experts"):
+        return None
+    base = f"model.layers.{parts[1]}.block_sparse_moe"
+    if parts[3] == "router":
+        return {f"{base}.gate.weight": w}
+    return {f"{base}.experts.{j}.{parts[4]}.weight": w[j] for j in range(w.shape[0])}
+
+
 def export_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
-    """Write full (unsharded) weights under our names as an HF Llama directory."""
-    if cfg.moe is not None:
-        raise ConfigError("model.moe: Hugging Face export writes dense Llama models; the Mixtral layout for "
-                          "mixture-of-experts checkpoints is not written yet")  # fmt: skip
+    """Write full (unsharded) weights under our names as an HF Llama directory (Mixtral for MoE models)."""
+    if cfg.moe is not None and (why := _mixtral_refusal(cfg)) is not None:
+        raise ConfigError(why)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, w in weights.items():
+        if name.endswith("expert_bias"):
+            continue  # zero here (Mixtral has none: bias_update_rate is 0)
         heads = _heads_of(name, cfg)
         w = w.detach().cpu()
-        tensors[hf_name(name)] = (pairs_to_halves(w, heads) if heads else w).contiguous()
+        moe = _mixtral_tensors(name, w) if cfg.moe is not None else None
+        for key, t in (moe or {hf_name(name): pairs_to_halves(w, heads) if heads else w}).items():
+            tensors[key] = t.contiguous()
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     return out

@@ -171,8 +171,8 @@ def test_what_does_not_handle_experts_yet_says_so(tmp_path) -> None:  # noqa: AN
     from parallel.planner import Cluster, predict
     from service.planning import PlanInputError, plan, predicted_run
 
-    cfg = build_config({"model": {"preset": "tiny-moe"}})
-    with pytest.raises(ConfigError, match="model.moe: Hugging Face export writes dense Llama models"):
+    cfg = build_config({"model": {"preset": "tiny-moe"}})  # shared experts: Mixtral has none
+    with pytest.raises(ConfigError, match="model.moe.n_shared_experts=1: Mixtral has n_shared_experts=0"):
         export_hf({}, cfg.model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     cluster = Cluster.parse("1x8xh100-80gb")
@@ -182,3 +182,19 @@ def test_what_does_not_handle_experts_yet_says_so(tmp_path) -> None:  # noqa: AN
         with pytest.raises(PlanInputError) as err:
             call()
         assert err.value.field == "model.moe"
+
+
+def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path) -> None:  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    from parallel.hf import export_hf
+
+    m = ModelConfig.model_validate({"preset": "tiny-moe", "moe": {"n_shared_experts": 0, "first_dense": 0}})
+    ours = Transformer(m, max_seq_len=32)
+    ours.init_weights(3)
+    export_hf(ours.state_dict(), m, tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    tokens = torch.randint(0, m.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-5)
