@@ -30,7 +30,11 @@ BUILDERS = {
     "fourfold ZeRO-3": lambda a: peers_bench._ours(a, 3),
     "fourfold ZeRO-3 compiled": lambda a: peers_bench._ours(a, 3, compile=True),
     "fourfold ZeRO-3 (titan shape)": lambda a: peers_bench._ours(a, 3, shape=peers_bench.TITAN_SHAPE),
+    "fourfold ZeRO-1": lambda a: peers_bench._ours(a, 1),
+    "fourfold ZeRO-2": lambda a: peers_bench._ours(a, 2),
     "plain DDP": lambda a: peers_bench._peer(a, "plain DDP"),
+    "DDP + ZeroRedundancyOptimizer": lambda a: peers_bench._peer(a, "DDP + ZeroRedundancyOptimizer"),
+    "FSDP2 reshard_after_forward=False": lambda a: peers_bench._peer(a, "FSDP2 reshard_after_forward=False"),
     "plain FSDP2": lambda a: peers_bench._peer(a, "plain FSDP2"),
     "torchtitan FSDP2": peers_bench._titan,
 }
