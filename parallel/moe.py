@@ -133,7 +133,8 @@ class MoE(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         if keep is not None:  # dropped choices leave the computation
             order = order[keep.reshape(-1)[order]]
-        counts = torch.bincount(flat_expert[order], minlength=self.cfg.n_experts)
+        routed = torch.bincount(flat_expert, minlength=self.cfg.n_experts)  # choices per expert, dropped or not
+        counts = routed if keep is None else torch.bincount(flat_expert[order], minlength=self.cfg.n_experts)
         token = order // self.cfg.top_k  # which of the B*T tokens each sorted choice belongs to
         tokens = x.reshape(B * T, C)
         y = self.experts(tokens[token], counts.tolist())
@@ -146,7 +147,7 @@ class MoE(nn.Module):
         first = self.counting and torch._C._current_graph_task_id() == -1
         if first:
             with torch.no_grad():
-                self.stats["tokens"] += torch.bincount(flat_expert, minlength=self.cfg.n_experts)
+                self.stats["tokens"] += routed
                 if keep is not None:
                     self.stats["dropped"] += (~keep).sum()
                 self.stats["forwards"] += 1
