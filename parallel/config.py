@@ -123,6 +123,9 @@ class ParallelConfig(_Section):
     """Pipeline-parallel stages."""
     cp: int = Field(1, ge=1)
     """Context-parallel degree (sequence split across ranks with ring attention)."""
+    ep: int = Field(1, ge=1)
+    """Expert-parallel degree (model.moe): each expert lives on one of ep ranks, taken from the dp_shard
+    ranks (it adds no ranks: it divides dp / dp_replicate); tokens reach their experts by all-to-all."""
     zero: Literal[0, 1, 2, 3] = 0
     """ZeRO stage over the data-parallel ranks: 0 none, 1 optimizer states, 2 +gradients, 3 +parameters."""
     bucket_mb: float = Field(4.0, gt=0, le=1024)

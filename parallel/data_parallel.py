@@ -88,14 +88,17 @@ class ShardedAdamW:
         train: TrainConfig,
         overlap: bool = False,
         bucket_bytes: int = DEFAULT_CAP_BYTES,
+        grad_divisor: int | None = None,
     ) -> None:
         # Gradients are averaged over the shard group and every replicate group (dp_replicate,
-        # and cp, whose ranks see different tokens of the same samples).
+        # and cp, whose ranks see different tokens of the same samples). `grad_divisor` replaces the
+        # count of those ranks where the gradients hold more ranks' tokens than that: an expert's
+        # gradient already sums the tokens of its whole ep group (parallel/expert_parallel.py).
         self.params, self.shard_group, self.replicate_groups = params, shard_group, replicate_groups
         self.norm_groups = norm_groups
         self.device = _local(params[0]).device
         n_shards = dist.get_world_size(shard_group) if shard_group is not None else 1
-        self.dp = n_shards * math.prod(dist.get_world_size(g) for g in replicate_groups)
+        self.dp = grad_divisor or n_shards * math.prod(dist.get_world_size(g) for g in replicate_groups)
         rank = dist.get_rank(shard_group) if shard_group is not None and zero >= 1 else 0
         two = zero == 2
         # Gradients reduced in buckets while backward runs (parallel/grad_buckets.py): stages 0-1
@@ -197,8 +200,9 @@ class ShardedAdamW:
         self.grad_shard /= self.dp
         return [self.grad_shard[s.in_shard] for s in self.slots]
 
-    def grad_norm(self) -> torch.Tensor:
-        """The L2 norm of the whole model's gradient, each element counted once."""
+    def grad_sq(self) -> torch.Tensor:
+        """The squared L2 norm of the gradient of this optimizer's tensors, each element counted once
+        (float64, summed over the norm groups)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per slot
         for s in self.slots:
             if s.view.grad is not None:
@@ -206,15 +210,24 @@ class ShardedAdamW:
         with watch("tp/dp/pp", "all-reduce of the gradient norm"):
             for group in self.norm_groups:
                 dist.all_reduce(sq, group=group)
-        return sq.sqrt().float()
+        return sq
 
     # -- the update ------------------------------------------------------------------
     def step(self, lr: float, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0 = off), update owned elements, share them. Returns the norm (a tensor on
         the device: the trainer reads it with the loss, one wait for the device a step)."""
+        self.take_grads()
+        norm = self.grad_sq().sqrt().float()
+        self.update(lr, max_norm, norm)
+        return norm
+
+    def take_grads(self) -> None:
+        """Hand the optimizer this rank's reduced gradient elements (before grad_sq and update)."""
         for s, g in zip(self.slots, self._owned_grads(), strict=True):
             s.view.grad = g
-        norm = self.grad_norm()
+
+    def update(self, lr: float, max_norm: float, norm: torch.Tensor) -> None:
+        """Clip by the global `norm` to max_norm (0 = off), update the owned elements, share them."""
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for s in self.slots:
@@ -227,7 +240,6 @@ class ShardedAdamW:
         if self.flat.n_shards > 1:
             self._gather_params()
         self.mutating = False
-        return norm
 
     @torch.no_grad()
     def _gather_params(self) -> None:
@@ -289,6 +301,11 @@ class ShardedAdamW:
             self.opt.state[s.view] = {"step": torch.tensor(float(step))} | {
                 key: t if whole else t.clone() for key, t in pieces.items()
             }
+
+    @property
+    def n_owners(self) -> int:
+        """How many tensors the AdamW states are kept for (two states each)."""
+        return len(self.slots)
 
     def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(this rank's parameter tensors, its AdamW states), local pieces in a fixed order: what a
@@ -355,27 +372,36 @@ class FSDPAdamW:
                     dist.all_reduce(local, group=self.cp_group)
                     local /= n
 
-    def grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # sums the squares over the dp and tp shards
-        sq = norm.double() ** 2
+    def grad_sq(self) -> torch.Tensor:
+        """The squared L2 norm of the gradient of this optimizer's tensors (float64)."""
+        sq = torch.zeros((), dtype=torch.float64, device=_local(self.params[0]).device)
+        for grads in _by_mesh([p.grad for p in self.params if p.grad is not None]):
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()  # sums the squares over the dp and tp (and ep) shards
+            sq += norm.double() ** 2
         with watch("pp", "all-reduce of the gradient norm"):
             for group in self.norm_groups:  # axes FSDP does not know about (pipeline stages)
                 dist.all_reduce(sq, group=group)
-        return sq.sqrt().float()
+        return sq
 
     def step(self, lr: float, max_norm: float) -> torch.Tensor:
-        norm = self.grad_norm()
+        norm = self.grad_sq().sqrt().float()
+        self.update(lr, max_norm, norm)
+        return norm
+
+    def take_grads(self) -> None:
+        """FSDP2's gradients are already this rank's shards."""
+
+    def update(self, lr: float, max_norm: float, norm: torch.Tensor) -> None:
         if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm, foreach=True)
+            for params in _by_mesh(self.params):
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.mutating = True
         self.opt.step()
         self.mutating = False
-        return norm
 
     def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
         return {id(p): {k: self.opt.state[p][k] for k in STATE_KEYS} for p in self.params if p in self.opt.state}
@@ -383,6 +409,10 @@ class FSDPAdamW:
     def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
         for p in self.params:
             self.opt.state[p] = {"step": torch.tensor(float(step))} | {k: states[id(p)][k] for k in STATE_KEYS}
+
+    @property
+    def n_owners(self) -> int:
+        return len(self.params)
 
     def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(the local shards of the parameters, of their AdamW states), as ShardedAdamW's."""
@@ -404,6 +434,16 @@ class FSDPAdamW:
 
     def grad_tensors(self) -> list[torch.Tensor]:
         return [_local(p.grad) for p in self.params if p.grad is not None]
+
+
+def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors grouped by the mesh they are sharded over (plain tensors together): torch's foreach
+    norm and clipping take DTensors of one mesh at a time. Under TP the MoE blocks' routers and shared
+    experts are sharded over dp only, the rest over (dp, tp), the experts over (edp, ep)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return list(groups.values())
 
 
 def _state_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class Layout:
     mesh: DeviceMesh
     cfg: ParallelConfig
     device: torch.device  # this rank's device, where its model lives
+    # With ep > 1, the same grid with dp_shard split into (edp, ep), ep fastest: an expert-parallel
+    # group is ep consecutive dp_shard ranks, and the edp ranks (ep apart) hold the same experts.
+    expert_mesh: DeviceMesh | None = None
 
     @classmethod
     def build(cls, cfg: ParallelConfig, device: torch.device) -> Layout:
@@ -62,7 +65,12 @@ class Layout:
         options = C10dBackend.Options(backend, timeout=timedelta(seconds=cfg.timeout_s))
         override = {axis: (backend, options) for axis, n in zip(AXES, shape, strict=True) if n > 1}
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=AXES, backend_override=override or None)
-        return cls(mesh, cfg, device)
+        expert_mesh = None
+        if cfg.ep > 1:  # a view of the same ranks: the model's DTensors keep one root mesh (FSDP2 needs it)
+            sizes = (cfg.dp_shard // cfg.ep, cfg.ep)
+            split = {axis: (backend, options) for axis, n in zip(("edp", "ep"), sizes, strict=True) if n > 1}
+            expert_mesh = mesh._unflatten("dp_shard", sizes, ("edp", "ep"), backend_override=split)
+        return cls(mesh, cfg, device, expert_mesh)
 
     def timeout(self, axis: str) -> timedelta | None:
         """The timeout of the axis's process group (what a stalled peer costs), None for a one-rank axis."""
@@ -73,6 +81,20 @@ class Layout:
 
     def size(self, axis: str) -> int:
         return self.mesh[axis].size()
+
+    def expert_group(self, axis: str) -> dist.ProcessGroup | None:
+        """The group along `ep` (ranks holding different experts) or `edp` (ranks holding the same
+        experts, within a dp_replicate replica); None when the axis has one rank."""
+        if self.expert_mesh is None or self.expert_mesh[axis].size() == 1:
+            return None
+        return self.expert_mesh[axis].get_group()
+
+    @property
+    def expert_dp_mesh(self) -> DeviceMesh:
+        """What FSDP shards the experts over: the ranks holding the same experts (edp, and dp_replicate
+        for HSDP)."""
+        assert self.expert_mesh is not None
+        return self.expert_mesh["dp_replicate", "edp"] if self.cfg.dp_replicate > 1 else self.expert_mesh["edp"]
 
     def coord(self, axis: str) -> int:
         return self.mesh[axis].get_local_rank()

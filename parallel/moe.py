@@ -1,7 +1,7 @@
 """The mixture-of-experts MLP: a router picks top_k of n_experts SwiGLU experts per token.
 
-One process, no parallel branches (expert parallelism will shard `Experts` over ranks and move tokens
-with all-to-all around the same computation).
+One process, no parallel branches: expert parallelism (parallel/expert_parallel.py) shards `Experts` over
+ranks and replaces its forward by an all-to-all around the same computation.
 
 - Router: a linear map to n_experts logits, scores by softmax or sigmoid (`moe.score`). The experts
   are chosen by score + bias (`expert_bias`, a buffer moved by the auxiliary-loss-free update, 0 by
@@ -45,14 +45,21 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden))
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (N, C): tokens sorted by expert, counts[e] of them for expert e -> (N, C)."""
-        out = []
-        for e, xe in enumerate(torch.split(x, counts)):
-            if xe.shape[0] == 0:
-                continue
-            out.append((F.silu(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())) @ self.w2[e].t())
-        return torch.cat(out) if out else x.new_zeros(0, x.shape[-1])
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, C): tokens sorted by expert, counts[e] of them for expert e -> (N, C).
+        (Expert parallelism replaces this forward: parallel/expert_parallel.py.)"""
+        return expert_mlps(x, counts.tolist(), self.w1, self.w3, self.w2)
+
+
+def expert_mlps(
+    x: torch.Tensor, counts: list[int], w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU expert e (weights w1[e], w3[e], w2[e]) on its counts[e] consecutive rows of x: one matmul
+    per weight and expert over all of the expert's tokens."""
+    # An expert without tokens still runs (on 0 rows): its weights get a zero gradient rather than none,
+    # so every rank holds gradients for the same tensors (ZeRO-3 reduces only those that have one).
+    out = [(F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())) @ w2[e].t() for e, xe in enumerate(torch.split(x, counts))]
+    return torch.cat(out)
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -137,7 +144,7 @@ class MoE(nn.Module):
         counts = routed if keep is None else torch.bincount(flat_expert[order], minlength=self.cfg.n_experts)
         token = order // self.cfg.top_k  # which of the B*T tokens each sorted choice belongs to
         tokens = x.reshape(B * T, C)
-        y = self.experts(tokens[token], counts.tolist())
+        y = self.experts(tokens[token], counts)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(tokens).index_add_(0, token, y.to(tokens.dtype)).view(B, T, C)
         if self.shared is not None:

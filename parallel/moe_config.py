@@ -71,15 +71,26 @@ class MoEConfig(Section):
 
 
 def check_moe(cfg: Config) -> None:
-    """What mixture-of-experts models run with so far: data parallelism (ZeRO 0-3, HSDP), pipelines,
-    activation checkpointing. Expert parallelism and experts under TP and CP are still to come."""
+    """What mixture-of-experts models run with so far: data parallelism (ZeRO 0-3, HSDP), expert
+    parallelism within dp_shard, tensor parallelism (experts kept whole), pipelines, activation
+    checkpointing. Experts under CP, compilation, Hugging Face import and the planner are still to come."""
     m, p = cfg.model, cfg.parallel
     if m.moe is None:
+        if p.ep > 1:
+            raise ConfigError(f"parallel.ep={p.ep}: expert parallelism needs a mixture-of-experts model "
+                              "(model.moe, or a preset such as tiny-moe); use ep=1 for a dense model")  # fmt: skip
         return
-    for field, value, ok in (("parallel.tp", p.tp, 1), ("parallel.cp", p.cp, 1)):
-        if value != ok:
-            raise ConfigError(f"{field}={value}: mixture-of-experts models (model.moe) run with {field}=1 so far; "
-                              "use dp and pp")  # fmt: skip
+    if m.moe.n_experts % p.ep:
+        valid = ", ".join(str(d) for d in range(1, m.moe.n_experts + 1) if m.moe.n_experts % d == 0)
+        raise ConfigError(f"parallel.ep={p.ep} does not divide model.moe.n_experts={m.moe.n_experts}; "
+                          f"valid ep: {valid}")  # fmt: skip
+    if p.dp_shard % p.ep:
+        valid = ", ".join(str(d) for d in range(1, p.dp_shard + 1) if p.dp_shard % d == 0)
+        raise ConfigError(f"parallel.ep={p.ep}: expert parallelism reuses the dp_shard ranks (dp / dp_replicate = "
+                          f"{p.dp_shard}) and must divide them; valid ep: {valid}")  # fmt: skip
+    if p.cp > 1:
+        raise ConfigError(f"parallel.cp={p.cp}: mixture-of-experts models (model.moe) run with parallel.cp=1 so "
+                          "far; use dp, ep, tp and pp")  # fmt: skip
     if cfg.plan.auto:
         raise ConfigError(f"plan.auto={list(cfg.plan.auto)}: the planner does not model mixture-of-experts models "
                           "(model.moe) yet; give the layout (parallel.dp, parallel.pp, ...)")  # fmt: skip

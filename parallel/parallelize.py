@@ -6,8 +6,8 @@
 
 1. build on the meta device (no memory): the whole model, or with pp > 1 one stage model per
    pipeline stage this rank holds (`build_model`);
-2. tensor parallel (`apply_tp`), while the weights are still only shapes, so a rank allocates
-   just its TP shard of each;
+2. tensor parallel (`apply_tp`) and expert parallel (`apply_ep`), while the weights are still only
+   shapes, so a rank allocates just its TP shard of each and its experts;
 3. materialise (`to_empty`) and seed (`init_weights`): each rank generates every full tensor from
    (seed, name) and keeps its shard, so every layout starts from the weights one process has;
 4. load pretrained weights (`model.init_from`) the same way, over the seeded ones;
@@ -38,9 +38,11 @@ from parallel.activation_checkpointing import apply_ac
 from parallel.config import Config
 from parallel.context_parallel import apply_cp
 from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
+from parallel.expert_parallel import ExpertSplitOptimizer, apply_ep, is_expert_param
 from parallel.hf import load_hf
 from parallel.mesh import Layout
 from parallel.model import Transformer
+from parallel.moe import moe_layers
 from parallel.pipeline_parallel import build_stage_model
 from parallel.tensor_parallel import apply_tp
 
@@ -73,6 +75,8 @@ def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
     for model in parts:
         if p.tp > 1:
             apply_tp(model, layout.mesh["tp"])
+        if p.ep > 1:
+            apply_ep(model, layout.expert_mesh["ep"])
         model.to_empty(device=layout.device)
         model.init_weights(cfg.train.seed)
         if cfg.model.init_from:
@@ -86,14 +90,39 @@ def parallelize(parts: list[Transformer], layout: Layout, cfg: Config) -> None:
             apply_compile(model, sublayers=p.tp > 1)
     if p.zero == 3:
         # Under pipelining, blocks stay gathered from forward to the end of the step (apply_fsdp).
-        apply_fsdp(parts, layout.dp_mesh, reshard_after_forward=p.pp == 1)
+        experts = (layout.expert_dp_mesh, p.dp) if p.ep > 1 else None
+        apply_fsdp(parts, layout.dp_mesh, reshard_after_forward=p.pp == 1, experts=experts)
 
 
-def build_optimizer(parts: list[nn.Module], layout: Layout, cfg: Config) -> DataParallelOptimizer:
+def build_optimizer(
+    parts: list[nn.Module], layout: Layout, cfg: Config
+) -> DataParallelOptimizer | ExpertSplitOptimizer:
     """The optimizer of the parts `parallelize` made: on FSDP2's shards for ZeRO 3, else on the
     elements of the flat vector this rank owns."""
+    named = [(n, q) for part in parts for n, q in part.named_parameters() if q.requires_grad]
+    if cfg.parallel.ep == 1:
+        return _dp_optimizer([q for _, q in named], layout, cfg)
+    dense = _dp_optimizer([q for n, q in named if not is_expert_param(n)], layout, cfg)
+    return ExpertSplitOptimizer(dense, _expert_optimizer([q for n, q in named if is_expert_param(n)], layout, cfg))
+
+
+def _expert_optimizer(params: list[nn.Parameter], layout: Layout, cfg: Config) -> DataParallelOptimizer:
+    """The experts' optimizer under expert parallelism: their gradients hold the tokens of the whole ep
+    group, so they are reduced over the ranks holding the same experts (edp, dp_replicate) and divided by
+    all dp ranks; ZeRO shards them over edp; the norm adds up over ep (other experts)."""
     p = cfg.parallel
-    params = [q for part in parts for q in part.parameters() if q.requires_grad]
+    if p.zero == 3:  # apply_fsdp sharded them over the expert dp mesh, dividing by dp
+        return FSDPAdamW(params, layout.group("cp"), norm_groups=layout.groups("pp"), train=cfg.train)
+    shards = [layout.expert_group("edp")] if p.zero >= 1 else []
+    norm = [layout.expert_group("ep"), *shards, *layout.groups("tp", "pp")]
+    return ShardedAdamW(
+        params, p.zero, shard_group=layout.expert_group("edp"), replicate_groups=layout.groups("dp_replicate"),
+        norm_groups=[g for g in norm if g is not None], tp=p.tp, train=cfg.train, grad_divisor=p.dp,
+    )  # fmt: skip
+
+
+def _dp_optimizer(params: list[nn.Parameter], layout: Layout, cfg: Config) -> DataParallelOptimizer:
+    p = cfg.parallel
     if p.zero == 3:
         return FSDPAdamW(params, layout.group("cp"), norm_groups=layout.groups("pp"), train=cfg.train)
     # The squared norm adds up over disjoint pieces: tp shards and pipeline stages
@@ -155,8 +184,14 @@ def apply_autocast(model: torch.nn.Module, device_type: str, dtype: torch.dtype)
     model.forward = forward
 
 
-def apply_fsdp(parts: list[nn.Module], dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(
+    parts: list[nn.Module], dp_mesh: DeviceMesh, reshard_after_forward: bool = True,
+    experts: tuple[DeviceMesh, int] | None = None,
+) -> None:  # fmt: skip
     """ZeRO-3: FSDP2 `fully_shard` on every block, then on each part's root, over the dp mesh.
+
+    experts=(mesh, dp): under expert parallelism each MoE block's experts are sharded first, on their
+    own, over the ranks holding the same experts (`mesh`), their gradients divided by all `dp` ranks.
 
     reshard_after_forward=False keeps each block's gathered parameters from its forward until
     the end of the step; `parallelize` sets it under pipelining. There it saves an all-gather per
@@ -167,6 +202,13 @@ def apply_fsdp(parts: list[nn.Module], dp_mesh: DeviceMesh, reshard_after_forwar
     the tiny model at pp=2, dp=2)."""
     for model in parts:
         blocks = list(model.layers.values())
+        for moe in moe_layers(model) if experts is not None else []:
+            fully_shard(moe.experts, mesh=experts[0], reshard_after_forward=reshard_after_forward)
+            moe.experts.set_gradient_divide_factor(float(experts[1]))
+            # gloo has no PREMUL_SUM: reduce with SUM and divide apart. Not on a one-rank shard axis, where
+            # torch 2.13 would divide twice (its copy-instead-of-reduce-scatter path divides already).
+            if experts[0].size(experts[0].ndim - 1) > 1:
+                moe.experts.set_force_sum_reduction_for_comms(True)
         for block in blocks:
             fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)

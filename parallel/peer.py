@@ -19,7 +19,8 @@ from the copy of its last snapshot its buddy holds, and every other rank from it
 Which ranks are replicas: those at the same pipeline stage and tensor-parallel shard whose optimizer
 holds the same share. Under ZeRO 0 every data-parallel and context-parallel rank holds all of it;
 under ZeRO 1-3 the dp_shard ranks each hold a different 1/N, so only ranks at the same dp_shard
-coordinate (across dp_replicate and cp) are replicas. Where some rank's share has no replica at the
+coordinate (across dp_replicate and cp) are replicas; with expert parallelism at ZeRO 0, those at the
+same ep coordinate (their experts are the same). Where some rank's share has no replica at the
 newest step (ZeRO 1-3 over every dp rank, dp = 1, a half-applied update), `plan_recovery` says
 so and the job resumes from its newest checkpoint instead.
 """
@@ -81,7 +82,10 @@ def coords(rank: int, p: ParallelConfig) -> dict[str, int]:
 def replica_key(rank: int, p: ParallelConfig) -> tuple[int, ...]:
     """Ranks with the same key hold the same state (see the module docstring)."""
     c = coords(rank, p)
-    return (c["pp"], c["tp"]) + ((c["dp_shard"],) if p.zero >= 1 else ())
+    if p.zero >= 1:
+        return c["pp"], c["tp"], c["dp_shard"]
+    # ZeRO 0 with expert parallelism: the experts differ along ep (dp_shard's fastest part, mesh.Layout).
+    return (c["pp"], c["tp"]) + ((c["dp_shard"] % p.ep,) if p.ep > 1 else ())
 
 
 def plan_recovery(

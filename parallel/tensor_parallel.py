@@ -20,6 +20,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
@@ -27,6 +28,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from parallel.model import Transformer
+from parallel.moe import MoE
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -49,11 +51,22 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
+        if isinstance(block.feed_forward, MoE):
+            # Experts are kept whole on every tp rank (not split by tp): the block's tokens are gathered
+            # whole, every tp rank routes and computes all of them alike (router, shared and routed
+            # experts as plain tensors), and each keeps its sequence shard of the output.
+            plan["feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+            )  # fmt: skip
+        else:
+            plan |= {
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            }
         parallelize_module(block, tp_mesh, plan)
 
 
@@ -65,4 +78,6 @@ def loss_context(tp: int) -> contextlib.AbstractContextManager:
 def is_tp_sharded(param: nn.Parameter) -> bool:
     """True when the parameter's local tensor holds only a slice over the tp axis."""
     placements = getattr(param, "placements", ())
-    return any(isinstance(p, Shard) for p in placements)
+    names = param.device_mesh.mesh_dim_names or () if placements else ()
+    # Only the tp axis counts: expert weights are DTensors sharded over ep (parallel/expert_parallel.py).
+    return any(isinstance(p, Shard) and name == "tp" for p, name in zip(placements, names, strict=False))

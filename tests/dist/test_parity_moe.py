@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist.harness import LayoutResults, compare, spawn
+from tests.dist.harness import LayoutResults, compare, run_layout, spawn
 
 pytestmark = pytest.mark.dist
 
@@ -30,6 +30,20 @@ LAYOUTS = {
     "ac-full": (1, [*MOE, "parallel.activation_checkpointing=full"], "one"),
     "dp2-capacity": (2, [*CAPACITY, "parallel.dp=2"], "one-capacity"),
     "dp2-bias": (2, [*BIAS, "parallel.dp=2", "parallel.zero=1"], "one-bias"),
+    # expert parallelism: experts sharded over ep ranks taken from dp_shard
+    "ep2-zero0": (2, [*MOE, "parallel.dp=2", "parallel.ep=2"], "one"),
+    "ep2-dp4-zero1": (4, [*MOE, "parallel.dp=4", "parallel.ep=2", "parallel.zero=1"], "one"),
+    "ep2-dp4-zero2": (4, [*MOE, "parallel.dp=4", "parallel.ep=2", "parallel.zero=2"], "one"),
+    "ep2-dp4-zero3": (4, [*MOE, "parallel.dp=4", "parallel.ep=2", "parallel.zero=3"], "one"),
+    "ep4-zero3": (4, [*MOE, "parallel.dp=4", "parallel.ep=4", "parallel.zero=3"], "one"),
+    "ep4-zero1": (4, [*MOE, "parallel.dp=4", "parallel.ep=4", "parallel.zero=1"], "one"),
+    "ep2-pp2": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.pp=2"], "one"),
+    "ep2-hsdp": (4, [*MOE, "parallel.dp=4", "parallel.dp_replicate=2", "parallel.ep=2", "parallel.zero=3"], "one"),
+    "tp2": (2, [*MOE, "parallel.tp=2"], "one"),
+    "ep2-tp2-zero1": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.zero=1"], "one"),
+    "ep2-tp2-zero3": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.zero=3"], "one"),
+    "ep2-capacity": (2, [*CAPACITY, "parallel.dp=2", "parallel.ep=2", "parallel.zero=1"], "one-capacity"),
+    "ep2-bias": (2, [*BIAS, "parallel.dp=2", "parallel.ep=2", "parallel.zero=2"], "one-bias"),
 }
 ROUTER = ("moe_aux_loss", "moe_dropped_frac", "moe_max_load")
 
@@ -56,13 +70,13 @@ def test_references_exercise_what_they_name(results: LayoutResults) -> None:
     assert any(m["moe_dropped_frac"] > 0 for m in results["one-capacity"]["history"])
 
 
-def _skewed(rank: int, world: int) -> list[dict]:
+def _skewed(rank: int, world: int, ep: int = 1) -> list[dict]:
     from parallel.config import build_config
     from parallel.moe import MoE
     from parallel.trainer import Trainer
 
     spec = {"model": {"preset": "tiny-moe", "moe": {"top_k": 1, "capacity_factor": 1.0}},
-            "parallel": {"dp": world, "zero": 1}, "data": {"source": "synthetic"},
+            "parallel": {"dp": world, "zero": 1, "ep": ep}, "data": {"source": "synthetic"},
             "train": {"steps": 2, "global_batch": 8, "micro_batch": 2, "seq_len": 32}}  # fmt: skip
     trainer = Trainer(build_config(spec, world_size=world))
     for m in (m for part in trainer.parts for m in part.modules() if isinstance(m, MoE)):
@@ -72,8 +86,10 @@ def _skewed(rank: int, world: int) -> list[dict]:
     return history
 
 
-def test_skewed_router_trains_and_shows_it(tmp_path: Path) -> None:
-    history = spawn(_skewed, 2, tmp_path, timeout_s=120)[0]
+@pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "ep2"])
+def test_skewed_router_trains_and_shows_it(ep: int, tmp_path: Path) -> None:
+    """At ep=2 every token goes to rank 0's expert and rank 1's experts get none, in every block."""
+    history = spawn(_skewed, 2, tmp_path, ep, timeout_s=120)[0]
     for m in history:
         assert torch.isfinite(torch.tensor(m["loss"]))
         assert m["moe_max_load"] == pytest.approx(4.0)  # all of it on one of 4 experts
@@ -105,3 +121,23 @@ def test_routing_biases_are_checkpointed(tmp_path: Path) -> None:
     assert any(b.abs().sum() > 0 for b in saved)  # two steps of updates moved them
     for a, b in zip(saved, resumed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+TEN = [*MOE, "train.steps=10"]
+
+
+def test_resume_at_another_expert_layout(tmp_path: Path) -> None:
+    """Saved at ep=4 (ZeRO-3) after step 5, resumed at ep=2 (ZeRO-1, pp=2) and in one process: steps 6-10
+    as one uninterrupted process gives them (the experts are saved whole, under their names)."""
+    uninterrupted = run_layout(1, TEN, tmp_path)
+    saved = [*TEN, "parallel.dp=4", "parallel.ep=4", "parallel.zero=3", f"checkpoint.dir={tmp_path / 'ckpt'}",
+             "checkpoint.every=5"]  # fmt: skip
+    run_layout(4, saved, tmp_path, stop_after=5)
+    path = tmp_path / "ckpt" / "step-00000005"
+    want = [m["loss"] for m in uninterrupted["history"] if m["step"] > 5]
+    for world, layout in ((4, ["parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.zero=1"]), (1, [])):
+        resumed = run_layout(world, [*TEN, *layout, f"checkpoint.resume={path}"], tmp_path)
+        got = [m["loss"] for m in resumed["history"]]
+        assert len(got) == len(want) == 5
+        for step, (a, b) in enumerate(zip(got, want, strict=True), start=6):
+            assert abs(a - b) <= 1e-4 * abs(b), f"world {world}, step {step}: resumed loss {a} vs uninterrupted {b}"

@@ -91,6 +91,18 @@ def test_lost_rank_recovers_from_replica(
     compare(reference, got)
 
 
+def test_lost_rank_recovers_its_experts_from_a_replica(tmp_path: Path) -> None:
+    """dp=4, ep=2, ZeRO 0: rank 1's experts live on rank 3 only; the dense part on every rank."""
+    moe = ["model.preset=tiny-moe"]
+    reference = run_layout(1, [*SIX, *moe], tmp_path)
+    out = str(tmp_path / "peer.pt")
+    layout = [*moe, "parallel.dp=4", "parallel.ep=2"]
+    mp.start_processes(_worker, args=(4, (free_port(), free_port()), layout, 1, out), nprocs=4, start_method="spawn")
+    got = torch.load(out, weights_only=False)
+    assert got["transfers"] == [(3, 1)]
+    compare(reference, got)
+
+
 def test_lost_share_without_replica_comes_back_from_the_in_memory_snapshots(reference: dict, tmp_path: Path) -> None:
     """ZeRO-1 over both dp ranks, snapshots every 2 steps: rank 1 loses everything after step 3; rank 0
     holds rank 1's snapshot of step 2, both go back to it and train steps 3-6 again."""

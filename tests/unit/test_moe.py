@@ -157,13 +157,25 @@ def test_config_errors_name_the_field() -> None:
         with pytest.raises(ValidationError):  # a wrong type is a validation error, never a TypeError (a 500)
             ModelConfig.model_validate(bad)
     for spec, field in [
-        ({"parallel": {"tp": 2}}, "parallel.tp=2"),
         ({"parallel": {"cp": 2}}, "parallel.cp=2"),
         ({"train": {"compile": True}}, "train.compile"),
         ({"plan": {"auto": ["dp"]}}, "plan.auto"),
     ]:
         with pytest.raises(ConfigError, match=field):
             build_config({"model": {"preset": "tiny-moe"}, **spec}, world_size=2 if "parallel" in spec else None)
+
+
+def test_expert_parallel_config_errors_name_the_field() -> None:
+    for spec, message in [
+        ({"model": {"preset": "tiny"}, "parallel": {"dp": 2, "ep": 2}}, "parallel.ep=2: expert parallelism needs a mixture"),
+        ({"model": {"preset": "tiny-moe"}, "parallel": {"dp": 3, "ep": 3}, "train": {"global_batch": 6}}, "parallel.ep=3 does not divide model.moe.n_experts=4; valid ep: 1, 2, 4"),
+        ({"model": {"preset": "tiny-moe"}, "parallel": {"dp": 2, "ep": 4}}, r"parallel.ep=4: .*dp_shard ranks \(dp / dp_replicate = 2\).*valid ep: 1, 2"),
+        ({"model": {"preset": "tiny-moe"}, "parallel": {"dp": 4, "dp_replicate": 2, "zero": 1, "ep": 4}}, "valid ep: 1, 2"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            build_config(spec)
+    ok = build_config({"model": {"preset": "tiny-moe"}, "parallel": {"dp": 4, "dp_replicate": 2, "zero": 3, "ep": 2}})
+    assert ok.parallel.ep == 2
 
 
 def test_what_does_not_handle_experts_yet_says_so(tmp_path) -> None:  # noqa: ANN001

@@ -78,6 +78,16 @@ def test_peer_plan_takes_the_newest_step_and_feeds_every_rank_behind_it() -> Non
     assert plan.path == "checkpoint" and plan.reason.startswith("rank 1's state was lost"), plan.reason
 
 
+def test_peer_plan_under_expert_parallelism_takes_a_rank_with_the_same_experts() -> None:
+    from parallel.peer import plan_recovery
+
+    # dp=4, ep=2, ZeRO 0: ranks 0 and 2 hold experts 0-1, ranks 1 and 3 experts 2-3.
+    plan = plan_recovery(_parallel(dp=4, ep=2), {0: 3, 2: 3, 3: 3})
+    assert (plan.path, plan.transfers) == ("peer", [(3, 1)])
+    assert plan_recovery(_parallel(dp=4, ep=2), {0: 3, 2: 3, 1: 3}).transfers == [(1, 3)]
+    assert plan_recovery(_parallel(dp=4), {0: 3, 2: 3, 3: 3}).transfers == [(0, 1)]  # dense: any replica
+
+
 def test_plan_prefers_snapshots_to_the_checkpoint_and_says_when_they_do_not_cover() -> None:
     from parallel.peer import plan_recovery
 
