@@ -40,6 +40,9 @@ ABOUT = {
     "when each request was due. Goals: a page >= 500 req/s and p99 < 50 ms, one job >= 1,000 req/s "
     "and p99 < 20 ms, >= 200 submissions/s with none lost or duplicated. Why it is as fast as it is: "
     "[service.md](service.md#speed-of-the-api).",
+    "moe": "Expert parallelism: the share of the step spent inside all-to-all (forward and backward, rank 0, "
+    "torch.profiler) at ep=2 and ep=4, each beside plain data parallelism on the same ranks and tokens "
+    "(experts replicated, their gradients all-reduced). [parallelism.md](parallelism.md#expert-parallelism).",
     "ckpt": "The one-process trainer's state saved synchronously and asynchronously, next to writing "
     "the same bytes to the same disk with fsync, interleaved. Goals: sync >= 0.7x raw, async blocks "
     "<= 5% of a sync save. [checkpoints.md](checkpoints.md).",
@@ -58,6 +61,8 @@ def benches(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         ("Engine, one process: MFU eager and compiled", "mfu",
          py + ["bench/engine_bench.py", "--preset", "debug"]),
         ("", "mfu", py + ["bench/engine_bench.py", "--preset", "debug", "--compile"]),
+        ("Expert parallelism: the all-to-all's share of the step", "moe",
+         py + ["bench/moe_bench.py", "--ep", "2", "4", "--steps", "3"]),
         ("Control plane, SQLite", "api",
          py + ["bench/api_bench.py", "--jobs", "10000", "--clients", "50", "--seconds", seconds]),
     ]  # fmt: skip

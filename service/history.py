@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from service.models import CheckpointRecord, Event, Job, LogLine, Metric, utcnow
 from service.records import CheckpointRecordOut, EventRecord, LogRecord, MetricRecord
 
-_FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s")
+_FLOAT_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "step_time_s",
+                  "moe_aux_loss", "moe_dropped_frac", "moe_max_load")  # fmt: skip
 
 
 class JobHistory:

@@ -29,6 +29,17 @@ class ServiceMetrics:
         self.mfu = Gauge("fourfold_job_mfu", "Latest model FLOPs utilisation (0-1)", ["job"], registry=r)
         self.step_time = Gauge("fourfold_job_step_seconds", "Latest optimizer step time", ["job"], registry=r)
         self.step = Gauge("fourfold_job_step", "Latest optimizer step", ["job"], registry=r)
+        # Mixture-of-experts models only (the engine's RouterStats): absent for dense jobs.
+        self.moe = {
+            "moe_aux_loss": Gauge("fourfold_job_moe_aux_loss", "Latest router load-balancing loss per MoE block",
+                                  ["job"], registry=r),
+            "moe_dropped_frac": Gauge("fourfold_job_moe_dropped_fraction",
+                                      "Latest share of (token, expert) choices dropped by expert capacity", ["job"],
+                                      registry=r),
+            "moe_max_load": Gauge("fourfold_job_moe_max_load",
+                                  "Latest busiest expert's tokens over the mean (1 = even), worst MoE block", ["job"],
+                                  registry=r),
+        }  # fmt: skip
         self.restarts = Counter("fourfold_job_restarts", "Restarts after a failure", ["job"], registry=r)
         self.recovery = Histogram(
             "fourfold_recovery_seconds",
@@ -68,6 +79,9 @@ class ServiceMetrics:
         self.mfu.labels(job=job_id).set(m["mfu"])
         self.step_time.labels(job=job_id).set(m["step_time_s"])
         self.step.labels(job=job_id).set(m["step"])
+        for key, gauge in self.moe.items():
+            if m.get(key) is not None:
+                gauge.labels(job=job_id).set(m[key])
 
     def observe_recovery(self, job_id: str, seconds: float, phases: dict[str, float] | None = None) -> None:
         self.recovery.observe(seconds)
@@ -77,7 +91,8 @@ class ServiceMetrics:
 
     def forget(self, job_id: str) -> None:
         """A job ended: drop its per-job series so /metrics does not grow without bound."""
-        for gauge in (self.loss, self.tokens_per_s, self.mfu, self.step_time, self.step, self.last_recovery):
+        gauges = (self.loss, self.tokens_per_s, self.mfu, self.step_time, self.step, self.last_recovery)
+        for gauge in (*gauges, *self.moe.values()):
             with contextlib.suppress(KeyError):
                 gauge.remove(job_id)
 

@@ -153,6 +153,10 @@ class Metric(Base):
     mfu: Mapped[float | None] = mapped_column(Float)
     step_time_s: Mapped[float | None] = mapped_column(Float)
     peak_mem_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Mixture-of-experts router statistics of the step (parallel/moe.py RouterStats); null for dense models.
+    moe_aux_loss: Mapped[float | None] = mapped_column(Float)
+    moe_dropped_frac: Mapped[float | None] = mapped_column(Float)
+    moe_max_load: Mapped[float | None] = mapped_column(Float)
     attempt: Mapped[int] = mapped_column(Integer)
 
 

@@ -100,6 +100,9 @@ class MetricRecord(_Record):
     mfu: float | None = None
     step_time_s: float | None = None
     peak_mem_bytes: int | None = None
+    moe_aux_loss: float | None = None  # mixture-of-experts models: the aux loss per block and micro-batch
+    moe_dropped_frac: float | None = None  # share of the (token, expert) choices dropped by capacity
+    moe_max_load: float | None = None  # the busiest expert's tokens over the mean, worst block
     attempt: int
 
 

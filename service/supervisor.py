@@ -350,7 +350,8 @@ class Supervisor(Restarts):
                 assert d.cfg is not None and d.plan is not None
                 note = phases.elastic_note(d.cfg.parallel.dp, job.spec["parallel"]["dp"])
                 spec = job.spec if not note else d.cfg.model_dump(mode="json", by_alias=True)
-                self._start_attempt(job.id, f"placed on {len(d.plan.nodes())} node(s){note}", d.cfg, d.plan, spec, 0)
+                placed = f"placed on {len(d.plan.nodes())} node(s){note}" + (f"; {d.plan.note}" if d.plan.note else "")
+                self._start_attempt(job.id, placed, d.cfg, d.plan, spec, 0)
             except InvalidTransition:  # cancelled since the queue was read: its change wrote nothing; skip it
                 log.info("job %s left the queue while it was being admitted", job.id)
 

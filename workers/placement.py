@@ -6,8 +6,9 @@
 
 Ranks follow the engine's mesh order `(pp, dp, cp, tp)`, tp varying fastest, so a TP
 group is `tp` consecutive ranks and a TP x CP block is `tp * cp` consecutive ranks.
-The plan cuts the ranks into blocks that must share a node: TP x CP blocks when the
-cluster can hold every one that way, else TP groups (which must always fit). Blocks go to
+The plan cuts the ranks into blocks that must share a node: expert-parallel groups (ep
+consecutive TP x CP blocks) when the cluster can hold every one that way, else TP x CP blocks,
+else TP groups (which must always fit); `Plan.note` says when an ep group spans nodes. Blocks go to
 nodes round-robin in a fixed node order, each to the next node with room, so pipeline
 stages and data-parallel replicas spread across nodes, and the same cluster always
 gives the same plan. Within a node, ranks are numbered in rank order: that is the
@@ -51,8 +52,9 @@ class RankPlace:
 @dataclass(frozen=True)
 class Plan:
     ranks: list[RankPlace]
-    block: int  # ranks that share a node as one unit (tp, or tp * cp)
+    block: int  # ranks that share a node as one unit (tp, tp * cp, or tp * cp * ep)
     spares: tuple[str, ...] = ()  # the node of each warm spare (restart.spares)
+    note: str = ""  # what the plan could not keep on one node that the layout would like there
 
     def nodes(self) -> list[str]:
         """The nodes used, in the order their first rank appears (then nodes with spares only)."""
@@ -131,7 +133,7 @@ def _with_spares(plan: Plan, nodes: list[Node], n: int, unit: str) -> Plan:
                 f"{len(plan.ranks)} ranks ({unit} free per node after them: "
                 f"{', '.join(f'{k}={max(v, 0)}' for k, v in room.items())})"
             )
-    return Plan(plan.ranks, plan.block, tuple(spares))
+    return Plan(plan.ranks, plan.block, tuple(spares), plan.note)
 
 
 def _ranks_plan(p: ParallelConfig, nodes: list[Node], unit: str) -> Plan:
@@ -145,14 +147,24 @@ def _ranks_plan(p: ParallelConfig, nodes: list[Node], unit: str) -> Plan:
         raise PlacementError(f"parallel.tp={p.tp} needs {p.tp} {unit} on one node; the largest node has {largest}")
     if world > total:
         raise PlacementError(f"the job needs {world} {unit} (dp*tp*pp*cp) but the cluster has {total}")
-    # Keep each TP x CP block on one node if the cluster allows; else only each TP group.
-    blocks = [p.tp * p.cp, p.tp] if p.cp > 1 and p.tp * p.cp <= largest else [p.tp]
+    # Keep each expert-parallel group (ep consecutive dp ranks, each a TP x CP block) on one node if the
+    # cluster allows, else each TP x CP block, else only each TP group.
+    wanted = [p.tp * p.cp * p.ep, p.tp * p.cp, p.tp]
+    blocks = [b for i, b in enumerate(wanted) if b <= largest and b not in wanted[i + 1 :]] or [p.tp]
     for block in blocks:
         try:
-            return _assign(p, usable, block, unit)
+            plan = _assign(p, usable, block, unit)
         except PlacementError:
             if block == blocks[-1]:
                 raise
+            continue
+        if block < wanted[0] and p.ep > 1:
+            full = "the nodes' free room does not allow it"
+            where = f"the largest node holds {largest}" if wanted[0] > largest else full
+            note = (f"each expert-parallel group (parallel.ep={p.ep}: {wanted[0]} consecutive ranks) spans nodes "
+                    f"({where}): its all-to-all goes over the network")  # fmt: skip
+            return Plan(plan.ranks, plan.block, plan.spares, note)
+        return plan
     raise AssertionError("unreachable")
 
 
@@ -198,4 +210,4 @@ def explain(plan: Plan) -> str:
     lines = [f"{'rank':>4}  {'node':<20} {'bundle':>6}  {'pp':>2} {'dp':>2} {'cp':>2} {'tp':>2}"]
     for r in plan.ranks:
         lines.append(f"{r.rank:>4}  {r.node[:20]:<20} {r.bundle:>6}  {r.pp:>2} {r.dp:>2} {r.cp:>2} {r.tp:>2}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"note: {plan.note}"] if plan.note else []))

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
             return 0
         group.start()
-        print(f"fourfold: {cfg.parallel.world_size} ranks on {len(group.plan.nodes())} node(s)", flush=True)
+        note = f"; {group.plan.note}" if group.plan.note else ""
+        print(f"fourfold: {cfg.parallel.world_size} ranks on {len(group.plan.nodes())} node(s){note}", flush=True)
         out_file = None
         if args.metrics_file:
             Path(args.metrics_file).parent.mkdir(parents=True, exist_ok=True)

@@ -64,11 +64,27 @@ const CHARTS = [
   ["chart-step", "step_time_s", "step time (s)"],
 ];
 
+// Mixture-of-experts jobs: the router's statistics of each step, in one chart shown only when there are any.
+const ROUTER = [
+  ["moe_max_load", "busiest expert / mean"],
+  ["moe_dropped_frac", "dropped share"],
+  ["moe_aux_loss", "aux loss"],
+];
+
 function drawCharts(rows) {
+  const layout = (title) => ({ title: { text: title }, margin: { t: 36, r: 12, b: 36, l: 56 },
+    xaxis: { title: { text: "step" } } });
   for (const [id, key, title] of CHARTS) {
     const trace = { x: rows.map((m) => m.step), y: rows.map((m) => m[key]), mode: "lines+markers", name: title };
-    Plotly.react(id, [trace], { title: { text: title }, margin: { t: 36, r: 12, b: 36, l: 56 },
-      xaxis: { title: { text: "step" } } }, { displayModeBar: false, responsive: true });
+    Plotly.react(id, [trace], layout(title), { displayModeBar: false, responsive: true });
+  }
+  const moe = rows.filter((m) => m.moe_max_load !== null && m.moe_max_load !== undefined);
+  const router = document.getElementById("chart-moe");
+  router.hidden = moe.length === 0;
+  if (!router.hidden) {
+    const traces = ROUTER.map(([key, name]) => ({ x: moe.map((m) => m.step), y: moe.map((m) => m[key]),
+      mode: "lines+markers", name }));
+    Plotly.react("chart-moe", traces, layout("router (mixture of experts)"), { displayModeBar: false, responsive: true });
   }
   document.body.dataset.points = String(rows.length);
 }

@@ -199,6 +199,15 @@ def test_list_shows_the_newest_metrics(open_api: TestClient) -> None:
     assert open_api.get(f"/v1/jobs/{job}").json()["loss"] == 9.0
 
 
+def test_router_statistics_are_stored_and_served(open_api: TestClient) -> None:
+    job = open_api.post("/v1/jobs", json=SPEC).json()["id"]
+    router = {"moe_aux_loss": 0.02, "moe_dropped_frac": 0.25, "moe_max_load": 4.0}
+    open_api.app.state.store.add_metrics(job, [{"step": 1, "loss": 5.0, **router}, {"step": 2, "loss": 4.0}], 1)
+    rows = open_api.get(f"/v1/jobs/{job}/metrics").json()
+    assert {k: rows[0][k] for k in router} == router
+    assert all(rows[1][k] is None for k in router)  # a dense model's rows (or a step without them)
+
+
 def test_cancel_a_queued_job(open_api: TestClient) -> None:
     job = open_api.post("/v1/jobs", json=SPEC).json()
     done = open_api.post(f"/v1/jobs/{job['id']}/cancel")
@@ -263,8 +272,17 @@ def test_service_metrics_per_job() -> None:
                  'fourfold_job_restarts_total{job="j1"} 1.0', 'fourfold_job_last_recovery_seconds{job="j1"} 7.5',
                  "fourfold_recovery_seconds_count 1.0"):  # fmt: skip
         assert line in text, line
+    assert "fourfold_job_moe_max_load{" not in text  # a dense job has no router series
+    m.observe_step("j2", {"step": 1, "loss": 4.0, "tokens_per_s": 1.0, "mfu": 0.1, "step_time_s": 0.5,
+                          "moe_aux_loss": 0.02, "moe_dropped_frac": 0.125, "moe_max_load": 1.5})  # fmt: skip
+    text = m.render().decode()
+    for line in ('fourfold_job_moe_aux_loss{job="j2"} 0.02', 'fourfold_job_moe_dropped_fraction{job="j2"} 0.125',
+                 'fourfold_job_moe_max_load{job="j2"} 1.5'):  # fmt: skip
+        assert line in text, line
     m.forget("j1")
+    m.forget("j2")
     assert 'fourfold_job_loss{job="j1"}' not in m.render().decode()  # an ended job's series go
+    assert 'fourfold_job_moe_max_load{job="j2"}' not in m.render().decode()
     m.set_queue_wait(datetime(2026, 1, 1, 12, 0, tzinfo=UTC), now=datetime(2026, 1, 1, 12, 30, tzinfo=UTC))
     assert "fourfold_queue_oldest_wait_seconds 1800.0" in m.render().decode()
     m.set_queue_wait(None)

@@ -55,7 +55,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     store.set_recovery(job.id, attempt, 3.21)
     rows = [
         {"step": s, "loss": 5.5 - 0.4 * s, "grad_norm": 1.0, "lr": 1e-3, "tokens_per_s": 1000.0 + s, "tflops": 0.1,
-         "mfu": 0.3, "step_time_s": 0.2, "peak_mem_bytes": 1}
+         "mfu": 0.3, "step_time_s": 0.2, "peak_mem_bytes": 1, "moe_aux_loss": 0.01, "moe_dropped_frac": 0.0,
+         "moe_max_load": 1.0 + s}
         for s in (1, 2, 3)
     ]  # fmt: skip
     store.add_metrics(job.id, rows, attempt)
@@ -106,6 +107,9 @@ def test_job_page_draws_the_loss_chart(served: tuple[str, str]) -> None:
     assert 'data-points="3"' in dom and 'data-state="SUCCEEDED"' in dom
     loss_chart = dom[dom.index('id="chart-loss"') :]
     assert "main-svg" in loss_chart[:20000]  # plotly rendered an SVG inside the loss chart
+    router = dom[dom.index('id="chart-moe"') :]  # a mixture-of-experts job: the router's chart is shown
+    assert not router[:40].split(">")[0].endswith("hidden") and "main-svg" in router[:20000]
+    assert "busiest expert / mean" in router[:40000]
     assert "finished 3 steps" in dom and "step 3/3 | loss 4.3000" in dom
     attempts = dom[dom.index('id="attempts"') :]
     assert "worker process died: rank 1 on node 0a1b2c3d4e5f" in attempts and "recovered in 3.2 s" in attempts
@@ -209,6 +213,7 @@ def test_token_leaves_the_url_stream_uses_a_ticket_and_markup_stays_text(with_to
         assert page.evaluate("location.href") == f"{url}/?job={job_id}"
         assert page.evaluate("document.body.dataset.points") == "3"
         assert page.evaluate("!!document.querySelector('#chart-loss .main-svg')")  # plotly drew under the CSP
+        assert page.evaluate("document.getElementById('chart-moe').hidden")  # a dense model: no router chart
         store.append_logs(job_id, ["<b>live</b> line"])
         store.transition(job_id, JobState.FAILED, MARKUP_REASON)
         page.wait_for("document.body.dataset.state === 'FAILED'")

@@ -27,6 +27,9 @@ LAYOUTS = [
     dict(pp=2, dp=2, tp=2),
     dict(pp=4, tp=2),
     dict(dp=4, tp=2, zero=3, dp_replicate=2),
+    dict(dp=4, ep=2),
+    dict(dp=4, ep=4, tp=2),
+    dict(pp=2, dp=4, ep=2),
 ]
 CLUSTERS = {
     "1x8": [8],
@@ -63,6 +66,11 @@ def test_plan_invariants(layout: dict, cluster: str) -> None:
         assert [r.bundle for r in on] == list(range(len(on)))  # local ranks 0..n-1 in rank order
     for start in range(0, p.world_size, p.tp):  # a TP group is tp consecutive ranks: one node
         assert len({r.node for r in plan.ranks[start : start + p.tp]}) == 1
+    if plan.block == p.tp * p.cp * p.ep:  # ep groups (ep consecutive TP x CP blocks) share a node if they can
+        for start in range(0, p.world_size, plan.block):
+            assert len({r.node for r in plan.ranks[start : start + plan.block]}) == 1
+    if p.ep > 1 and p.tp * p.ep <= max(sizes) and plan.block < p.tp * p.ep:  # the cluster could not: said
+        assert "expert-parallel group" in plan.note
     if plan.block == p.tp * p.cp:  # TP x CP blocks share a node when the cluster allows
         for start in range(0, p.world_size, p.tp * p.cp):
             assert len({r.node for r in plan.ranks[start : start + p.tp * p.cp]}) == 1
@@ -92,6 +100,17 @@ def test_tp_cp_block_falls_back_to_tp_group_when_it_cannot_fit() -> None:
     assert plan.block == 4 and len(plan.nodes()) == 1
     plan = make_plan(_layout(dp=2, cp=2, tp=2), _nodes([4, 2, 2]))  # only one node takes a block of 4
     assert plan.block == 2
+
+
+def test_expert_parallel_groups_share_a_node_where_one_holds_them_and_the_plan_says_where_not() -> None:
+    plan = make_plan(_layout(dp=4, ep=2), _nodes([2, 2]))  # ranks 0-1 and 2-3 are the ep groups
+    assert plan.block == 2 and plan.ranks[0].node == plan.ranks[1].node != plan.ranks[2].node
+    assert plan.note == ""
+    plan = make_plan(_layout(dp=4, ep=4), _nodes([2, 2]))
+    assert plan.block == 1 and "parallel.ep=4: 4 consecutive ranks) spans nodes (the largest node holds 2)" in plan.note
+    assert plan.note in explain(plan)
+    plan = make_plan(_layout(dp=4, ep=2, tp=2), _nodes([4, 2, 2]))  # one ep group fits on node-0, not two
+    assert plan.block == 2 and "the nodes' free room does not allow it" in plan.note
 
 
 def test_plan_is_stable_across_calls_and_node_order() -> None:
