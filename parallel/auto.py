@@ -9,7 +9,7 @@ from typing import Any
 
 AUTO = "auto"
 AUTO_FIELDS: dict[str, tuple[str, ...]] = {
-    "parallel": ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing"),
+    "parallel": ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "ep", "pp_schedule", "activation_checkpointing"),
     "train": ("micro_batch",),
 }
 """The layout fields a spec may leave to the planner by writing `auto` (`parallel: auto` is every one)."""

@@ -74,8 +74,8 @@ class RestartConfig(_Section):
 class PlanConfig(_Section):
     """Read by the service (and `fourfold plan`), not by the engine: docs/planner.md."""
 
-    auto: list[Literal["dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing",
-                       "micro_batch"]] = Field(default_factory=list)  # fmt: skip
+    auto: list[Literal["dp", "tp", "pp", "cp", "zero", "dp_replicate", "ep", "pp_schedule",
+                       "activation_checkpointing", "micro_batch"]] = Field(default_factory=list)  # fmt: skip
     """Layout fields the service chooses when it admits the job, planning against the live cluster; a
     spec says `parallel: auto` (all of them) or `auto` for a field (parallel.tp: auto, train.micro_batch:
     auto), which lands here. The choice and its reasons are the job's `plan` event."""

@@ -26,8 +26,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from parallel.comms import watch
+from parallel.moe import MoE
 
 
 def chunk_ids(rank: int, cp: int, zigzag: bool = True) -> list[int]:
@@ -238,10 +240,44 @@ class AllGatherAttention:
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+class SequenceShards:
+    """For mixture-of-experts blocks (`parallel.moe.SequenceParts`): this rank holds the zig-zag chunks
+    `chunk_ids` of every sequence; capacity and the aux loss are per whole sequence, so they add up the
+    other cp ranks' chunks."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group, self.ranks, self.chunks = group, dist.get_world_size(group), 2
+        self.rank = dist.get_rank(group)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        # all_gather's autograd sends each rank the sum of the gradients back (an all-reduce would too,
+        # but torch's differentiable all_reduce is deprecated)
+        gathered = all_gather_tensor_autograd(t.contiguous(), 0, self.group)
+        return gathered.view(self.ranks, *t.shape).sum(0)
+
+    @torch.no_grad()
+    def earlier(self, counts: torch.Tensor) -> torch.Tensor:
+        everyone = torch.empty(self.ranks * counts.shape[0], *counts.shape[1:], dtype=counts.dtype,
+                               device=counts.device)  # fmt: skip
+        with watch("cp", "all-gather of expert counts per chunk"):
+            dist.all_gather_into_tensor(everyone, counts.contiguous(), group=self.group)
+        everyone = everyone.view(self.ranks, *counts.shape)
+        by_chunk = torch.empty(counts.shape[0], 2 * self.ranks, counts.shape[2], dtype=counts.dtype,
+                               device=counts.device)  # fmt: skip
+        for r in range(self.ranks):
+            for i, chunk in enumerate(chunk_ids(r, self.ranks)):
+                by_chunk[:, chunk] = everyone[r, :, i]
+        before = by_chunk.cumsum(1) - by_chunk  # (B, 2cp, E): counts of the chunks before each
+        return torch.stack([before[:, c] for c in chunk_ids(self.rank, self.ranks)], dim=1)
+
+
 def apply_cp(model: torch.nn.Module, group: dist.ProcessGroup, seq_len: int, mode: str) -> None:
-    """Give every attention layer a cp-aware core and the model its shard's RoPE positions."""
+    """Give every attention layer a cp-aware core, every mixture-of-experts block the sequence's layout,
+    and the model its shard's RoPE positions."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     model.set_positions(positions(seq_len, cp, rank))
     for block in model.layers.values():  # before activation checkpointing wraps the blocks
         core: Callable = RingAttention(group) if mode == "ring" else AllGatherAttention(group, seq_len)
         block.attention.core = core
+        if isinstance(block.feed_forward, MoE):
+            block.feed_forward.sequence = SequenceShards(group)

@@ -27,6 +27,7 @@ ranks and replaces its forward by an all-to-all around the same computation.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,9 @@ class MoE(nn.Module):
         self.shared = shared
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         self.aux_scale = 1.0  # set by the trainer: 1/micro-batches where it divides the loss by them
+        # Where this rank's tokens are only part of each sequence (context parallelism sets it): the
+        # per-sequence capacity and aux loss then count the other ranks' parts too.
+        self.sequence: SequenceParts | None = None
         self.counting = True  # off while a pipeline stage runs its shape-inference forward
         self.stats: dict[str, torch.Tensor] = {}
         self.reset_stats()
@@ -117,17 +121,25 @@ class MoE(nn.Module):
         if self.cfg.capacity_factor is None:
             return None
         B, T, k = chosen.shape
-        capacity = math.ceil(self.cfg.capacity_factor * T * k / self.cfg.n_experts)
-        onehot = F.one_hot(chosen.reshape(B, T * k), self.cfg.n_experts)  # (B, T*k, E), token order
-        position = (onehot.cumsum(1) - 1).gather(-1, chosen.reshape(B, T * k, 1)).squeeze(-1)
+        E, seq = self.cfg.n_experts, self.sequence
+        whole = T * (seq.ranks if seq else 1)  # the sequence's length
+        capacity = math.ceil(self.cfg.capacity_factor * whole * k / E)
+        n = seq.chunks if seq else 1  # runs of consecutive tokens this rank holds, in sequence order
+        onehot = F.one_hot(chosen.reshape(B, n, T * k // n), E)  # (B, chunk, choices, E), token order
+        before = seq.earlier(onehot.sum(2)) if seq else 0  # (B, chunk, E): choices in earlier chunks
+        position = onehot.cumsum(2) - 1 + (before.unsqueeze(2) if seq else 0)
+        position = position.view(B, T * k, E).gather(-1, chosen.reshape(B, T * k, 1)).squeeze(-1)
         return (position < capacity).view(B, T, k)
 
     def aux_loss(self, chosen: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """coef * E * sum_e f_e P_e per sequence, averaged over sequences."""
         B, T, k = chosen.shape
-        E = self.cfg.n_experts
-        f = F.one_hot(chosen.reshape(B, T * k), E).float().mean(1)  # (B, E): share of the choices
-        P = probs.mean(1)  # (B, E)
+        E, seq = self.cfg.n_experts, self.sequence
+        counts = F.one_hot(chosen.reshape(B, T * k), E).float().sum(1)  # (B, E): choices per expert
+        scores = probs.sum(1)  # (B, E)
+        if seq:  # the whole sequence's sums (differentiable in the scores)
+            counts, scores, T = seq.total(counts), seq.total(scores), T * seq.ranks
+        f, P = counts / (T * k), scores / T  # the share of the choices, the mean normalised score
         return self.cfg.aux_loss_coef * E * (f * P).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +176,23 @@ class MoE(nn.Module):
                 self.stats["aux_loss"] += aux.detach()
             out = _AddAuxLoss.apply(out, aux, self.aux_scale)
         return out
+
+
+class SequenceParts(Protocol):
+    """How a rank's tokens sit in their sequences when the sequence is split over ranks
+    (`parallel.context_parallel.SequenceShards`)."""
+
+    ranks: int  # ranks sharing each sequence, equal parts
+    chunks: int  # runs of consecutive tokens this rank holds, in its tokens' order
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the ranks (differentiable)."""
+        ...
+
+    def earlier(self, counts: torch.Tensor) -> torch.Tensor:
+        """(B, chunks, E) counts of this rank's chunks -> the counts summed over every chunk of the
+        sequence (on any rank) that comes before each of them."""
+        ...
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

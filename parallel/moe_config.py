@@ -15,11 +15,6 @@ from parallel.config_base import ConfigError, Section
 if TYPE_CHECKING:
     from parallel.config import Config
 
-MOE_NOT_MODELLED = (
-    "the planner does not model mixture-of-experts models yet (their memory and step time are not "
-    "predicted); choose the layout yourself"
-)
-
 # Router and expert shapes of the MoE presets (their attention shapes are in config.PRESETS).
 MOE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-moe": dict(n_experts=4, top_k=2, expert_ffn_dim=96, n_shared_experts=1, first_dense=1),
@@ -72,8 +67,8 @@ class MoEConfig(Section):
 
 def check_moe(cfg: Config) -> None:
     """What mixture-of-experts models run with so far: data parallelism (ZeRO 0-3, HSDP), expert
-    parallelism within dp_shard, tensor parallelism (experts kept whole), pipelines, activation
-    checkpointing. Experts under CP, compilation, Hugging Face import and the planner are still to come."""
+    parallelism within dp_shard, tensor parallelism (experts kept whole), context parallelism, pipelines,
+    activation checkpointing, compilation. Hugging Face import is still to come."""
     m, p = cfg.model, cfg.parallel
     if m.moe is None:
         if p.ep > 1:
@@ -88,14 +83,6 @@ def check_moe(cfg: Config) -> None:
         valid = ", ".join(str(d) for d in range(1, p.dp_shard + 1) if p.dp_shard % d == 0)
         raise ConfigError(f"parallel.ep={p.ep}: expert parallelism reuses the dp_shard ranks (dp / dp_replicate = "
                           f"{p.dp_shard}) and must divide them; valid ep: {valid}")  # fmt: skip
-    if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp}: mixture-of-experts models (model.moe) run with parallel.cp=1 so "
-                          "far; use dp, ep, tp and pp")  # fmt: skip
-    if cfg.plan.auto:
-        raise ConfigError(f"plan.auto={list(cfg.plan.auto)}: the planner does not model mixture-of-experts models "
-                          "(model.moe) yet; give the layout (parallel.dp, parallel.pp, ...)")  # fmt: skip
-    if cfg.train.compile:
-        raise ConfigError("train.compile=true: not yet for mixture-of-experts models (model.moe); set it to false")
     if m.init_from:
         raise ConfigError(f"model.init_from={m.init_from!r}: Hugging Face import is for dense Llama models; "
                           "unset model.moe or model.init_from")  # fmt: skip

@@ -108,16 +108,16 @@ def build_optimizer(
 
 def _expert_optimizer(params: list[nn.Parameter], layout: Layout, cfg: Config) -> DataParallelOptimizer:
     """The experts' optimizer under expert parallelism: their gradients hold the tokens of the whole ep
-    group, so they are reduced over the ranks holding the same experts (edp, dp_replicate) and divided by
-    all dp ranks; ZeRO shards them over edp; the norm adds up over ep (other experts)."""
+    group, so they are reduced over the ranks holding the same experts (edp, dp_replicate, cp) and divided
+    by all dp x cp ranks; ZeRO shards them over edp; the norm adds up over ep (other experts)."""
     p = cfg.parallel
     if p.zero == 3:  # apply_fsdp sharded them over the expert dp mesh, dividing by dp
         return FSDPAdamW(params, layout.group("cp"), norm_groups=layout.groups("pp"), train=cfg.train)
     shards = [layout.expert_group("edp")] if p.zero >= 1 else []
     norm = [layout.expert_group("ep"), *shards, *layout.groups("tp", "pp")]
     return ShardedAdamW(
-        params, p.zero, shard_group=layout.expert_group("edp"), replicate_groups=layout.groups("dp_replicate"),
-        norm_groups=[g for g in norm if g is not None], tp=p.tp, train=cfg.train, grad_divisor=p.dp,
+        params, p.zero, shard_group=layout.expert_group("edp"), replicate_groups=layout.groups("dp_replicate", "cp"),
+        norm_groups=[g for g in norm if g is not None], tp=p.tp, train=cfg.train, grad_divisor=p.dp * p.cp,
     )  # fmt: skip
 
 

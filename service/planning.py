@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 from parallel.config import Config, ConfigError, ResourcesConfig, build_config
-from parallel.moe_config import MOE_NOT_MODELLED
 from parallel.planner import (
     ACCELERATORS,
     Accelerator,
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PLANNING = "planning the layout"
 
-LAYOUT_FIELDS = ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule", "activation_checkpointing")
+LAYOUT_FIELDS = ("dp", "tp", "pp", "cp", "zero", "dp_replicate", "ep", "pp_schedule", "activation_checkpointing")
 
 
 class PlanInputError(ValueError):
@@ -182,7 +181,8 @@ def default_efficiency(c: Cluster) -> float:
 def layout_of(cfg: Config) -> dict[str, Any]:
     p, t = cfg.parallel, cfg.train
     return {
-        "dp": p.dp, "dp_replicate": p.dp_replicate, "tp": p.tp, "pp": p.pp, "cp": p.cp, "cp_mode": p.cp_mode,
+        "dp": p.dp, "dp_replicate": p.dp_replicate, "ep": p.ep, "tp": p.tp, "pp": p.pp, "cp": p.cp,
+        "cp_mode": p.cp_mode,
         "zero": p.zero, "pp_schedule": p.pp_schedule if p.pp > 1 else None, "pp_virtual": p.pp_virtual,
         "activation_checkpointing": p.activation_checkpointing, "micro_batch": t.micro_batch,
         "global_batch": t.global_batch,
@@ -200,8 +200,6 @@ def plan(
 ) -> tuple[dict[str, Any], list[Candidate]]:
     """The ranked layouts for `cfg` on `cluster` as plain data (the --json document, POST /v1/plan's
     answer), and the candidates themselves."""
-    if cfg.model.moe is not None:
-        raise PlanInputError("model.moe", None, MOE_NOT_MODELLED)
     eff = efficiency if efficiency is not None else default_efficiency(cluster)
     try:
         found = search(cfg, cluster, efficiency=eff, margin=margin, top=top, fixed=kept_fields(cfg))
@@ -346,8 +344,6 @@ def at_submit(
         return cfg, []
     if not cfg.plan.memory_check:
         return cfg, ["planner: memory check off (plan.memory_check: false)"]
-    if cfg.model.moe is not None:
-        return cfg, [f"planner: memory not checked at submit ({MOE_NOT_MODELLED})"]
     refusal = memory_refusal(cfg, shaped(cluster, min(cfg.parallel.world_size, cluster.world)))
     if refusal is not None:
         raise PlanInputError("parallel", None, refusal)
@@ -358,8 +354,6 @@ def predicted_run(cfg: Config, total: dict[str, dict[str, float]], accelerator: 
     """The planner's prediction for `cfg`'s own layout on the live cluster (`Prediction.as_dict`)."""
     from parallel.planner import predict
 
-    if cfg.model.moe is not None:
-        raise PlanInputError("model.moe", None, MOE_NOT_MODELLED)
     cluster, notes, _ = live_cluster(cfg, total, accelerator)
     target = shaped(cluster, min(cfg.parallel.world_size, cluster.world))
     try:

@@ -23,13 +23,18 @@ def backoff_s(restart: RestartConfig, failures: int) -> float:
 def fit(cfg: Config, free: dict[str, dict[str, float]]) -> tuple[Config, Plan] | None:
     """The job at the largest dp from parallel.dp down to parallel.dp_min that fits the free slots.
 
-    tp, pp and cp stay; the global batch stays, so gradient accumulation absorbs a smaller dp."""
+    tp, pp and cp stay; ep becomes the largest divisor of itself that divides the new dp_shard; the global
+    batch stays, so gradient accumulation absorbs a smaller dp."""
     p = cfg.parallel
     for dp in range(p.dp, (p.dp_min or p.dp) - 1, -1):
         trial = cfg.model_copy(deep=True)
         if dp != p.dp:
             trial.parallel.dp = dp
             trial.parallel.dp_replicate = 1 if p.dp_replicate > 1 and dp % p.dp_replicate else p.dp_replicate
+            # expert parallelism within the fewer dp_shard ranks: the largest ep that still divides them
+            # (checkpoints hold the experts whole, so a restart takes any ep)
+            shard = dp // trial.parallel.dp_replicate
+            trial.parallel.ep = max(e for e in range(1, p.ep + 1) if p.ep % e == 0 and shard % e == 0)
             trial.parallel.microbatches = None  # follows the new accumulation count
             try:
                 check(trial)

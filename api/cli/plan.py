@@ -78,12 +78,9 @@ def plan(
         cfg = load_config(config, list(overrides or []))
     except ConfigError as err:
         raise fail(" ".join(str(err).split())) from None  # a YAML error's excerpt spans lines
-    from parallel.moe_config import MOE_NOT_MODELLED
     from service.planning import PlanInputError
     from service.planning import plan as make_plan
 
-    if cfg.model.moe is not None:
-        raise fail(f"{config}: model.moe: {MOE_NOT_MODELLED}")
     notes: list[str] = []
     try:
         if ray:

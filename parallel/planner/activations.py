@@ -207,6 +207,45 @@ def _llama_block(key: tuple[int, ...], seq_len: int, micro_batch: int, cp: int, 
     return BlockSpec("llama", tuple(attention + mlp), selective, (Saved("block.input", c, 4, "seq"),))
 
 
+_MLP = ("ffn_norm.", "feed_forward.", "w1.", "w3.", "silu.", "w2.")
+
+
+def moe_block(m: ModelConfig, seq_len: int, micro_batch: int, cp: int = 1, cp_mode: str = "ring",
+              dtype: str = "fp32") -> BlockSpec:  # fmt: skip
+    """What one mixture-of-experts block keeps: the attention part of `llama_block`, and for its MLP (per
+    token, E =
+    n_experts, k = top_k, Fe = expert_ffn_dim, every tp rank keeping it whole, the experts not being split
+    by tp): the norm's three tensors, the gathered input (C), the router's logits, scores and normalised
+    scores (3E, fp32), the tokens copied in expert order (k C), each routed expert's w1 and w3 outputs,
+    SiLU output and product (4 k Fe), the experts' outputs and their weighted copies (2 k C), and the
+    shared experts' four (4 n_shared Fe): within 1% of what saved_tensors_hooks sees in one process
+    (tiny-moe), within 10% per rank at ep=2 and ep=4 (tests/dist/test_planner_measured.py). A rank under
+    expert parallelism keeps its experts' share of the ep group's tokens: k per token when the router
+    balances them, more on the rank of a busier expert. Selective keeps the matmul outputs of those
+    (router E, 2 k Fe, k C, 2 n_shared Fe); full the block input."""
+    moe = m.moe
+    assert moe is not None and moe.expert_ffn_dim is not None
+    dense = llama_block(m, seq_len, micro_batch, cp, cp_mode, dtype)
+    cb = compute_bytes(dtype)
+    c, e, k, fe, sh = m.dim, moe.n_experts, moe.top_k, moe.expert_ffn_dim, moe.n_shared_experts
+    none = [t for t in dense.none if not t.name.startswith(_MLP)] + [
+        *(t for t in dense.none if t.name.startswith("ffn_norm.")),  # input, rstd, normalised input
+        Saved("feed_forward.input (gathered)", c, 4, "none"),
+        Saved("router.logits and scores", 3 * e, 4, "none"),
+        Saved("experts.input (tokens in expert order)", k * c, cb, "none"),
+        Saved("experts.w1, w3, silu, product", 4 * k * fe, cb, "none"),
+        Saved("experts.output and its weighted copy", 2 * k * c, cb, "none"),
+        Saved("shared.w1, w3, silu, product", 4 * sh * fe, cb, "none"),
+    ]
+    selective = [t for t in dense.selective if not t.name.startswith(_MLP)] + [
+        Saved("router.logits", e, 4, "none"),
+        Saved("experts.w1 and w3 outputs", 2 * k * fe, cb, "none"),
+        Saved("experts.output", k * c, cb, "none"),
+        Saved("shared.w1 and w3 outputs", 2 * sh * fe, cb, "none"),
+    ]
+    return BlockSpec("llama-moe", tuple(none), tuple(selective), dense.full)
+
+
 def head_saved(m: ModelConfig, dtype: str = "fp32") -> tuple[Saved, ...]:
     """What the final norm, the output head and the loss keep (the last stage; never checkpointed): the
     norm's three tensors, the gathered head input (fp32, or its one bf16 cast), and the fp32 log-probs of
@@ -263,9 +302,12 @@ def unit_bytes(cfg: Config, dtype: str = "fp32") -> dict[str, float]:
     s = t.seq_len // p.cp
     tokens = t.micro_batch * s
     spec = llama_block(m, t.seq_len, t.micro_batch, p.cp, p.cp_mode, dtype)
+    moe = moe_block(m, t.seq_len, t.micro_batch, p.cp, p.cp_mode, dtype) if m.moe is not None else spec
     return {
         "layer": layer_bytes(spec, p.activation_checkpointing, tokens, s, p.tp),
         "layer_none": layer_bytes(spec, "none", tokens, s, p.tp),
+        "moe_layer": layer_bytes(moe, p.activation_checkpointing, tokens, s, p.tp),
+        "moe_layer_none": layer_bytes(moe, "none", tokens, s, p.tp),
         "head": saved_bytes(head_saved(m, dtype), tokens, s, p.tp),
         "logits": saved_bytes(logits_saved(m, dtype), tokens, s, p.tp),
         "residual": tokens * m.dim * 4 / p.tp,
@@ -301,7 +343,7 @@ def rank_activations(cfg: Config, pp_rank: int, dtype: str, units: dict[str, flo
     for moment in inflight(cfg, pp_rank):
         layers = emb = head = logits = outputs = buffers = weights = 0.0
         for stage, held in zip(stages, moment, strict=True):
-            layers += held * stage.n_layers * units["layer"]
+            layers += held * (stage.dense_layers * units["layer"] + stage.moe_layers * units["moe_layer"])
             if stage.first:
                 emb += held * units["tokens"] * 8
             if stage.last:

@@ -233,7 +233,8 @@ def node_of_ranks(p: ParallelConfig, nodes: int, per_node: int) -> list[int] | N
     world = p.world_size
     if p.tp > per_node or world > nodes * per_node:
         return None
-    blocks = [p.tp * p.cp, p.tp] if p.cp > 1 and p.tp * p.cp <= per_node else [p.tp]
+    wanted = [p.tp * p.cp * p.ep, p.tp * p.cp, p.tp]  # the ep group, the tp x cp block, the tp group
+    blocks = [b for i, b in enumerate(wanted) if b <= per_node and b not in wanted[i + 1 :]] or [p.tp]
     for block in blocks:
         free, out, cursor = [per_node] * nodes, [], 0
         for _start in range(0, world, block):
@@ -264,7 +265,7 @@ def axis_links(p: ParallelConfig, cluster: Cluster) -> dict[str, str]:
     placed = node_of_ranks(p, cluster.nodes, cluster.per_node)
     sizes = axis_sizes(p)
     if placed is None:  # not placeable: assume the worst
-        return {a: "inter" for a in AXES if sizes[a] > 1}
+        return {a: "inter" for a in AXES if sizes[a] > 1} | ({"ep": "inter"} if p.ep > 1 else {})
     shape = [sizes[a] for a in AXES]
     strides = [0] * len(shape)
     acc = 1
@@ -284,4 +285,8 @@ def axis_links(p: ParallelConfig, cluster: Cluster) -> dict[str, str]:
                 spans = True
                 break
         links[axis] = "inter" if spans else "intra"
+    if p.ep > 1:  # an ep group: ep consecutive dp_shard coordinates, each a tp x cp block of ranks
+        block = p.ep * p.cp * p.tp
+        spans = any(len(set(placed[r : r + block])) > 1 for r in range(0, len(placed), block))
+        links["ep"] = "inter" if spans else "intra"
     return links

@@ -31,9 +31,18 @@ def zero_sizes(cfg: Config, pp_rank: int) -> tuple[int, int, int, int]:
     n = p.dp_shard
     stages = rank_stages(cfg.model, p, pp_rank)
     local = sum(s.numel for s in stages)
-    shard = math.ceil(local / n) if p.zero >= 1 else local
     fsdp = sum(s.fsdp_numel(n) for s in stages)
-    return local, shard * (n if p.zero >= 1 else 1), shard, fsdp
+    if p.zero == 0:
+        return local, local, local, fsdp
+    # Under expert parallelism the routed experts are a second flat vector, sharded over dp_shard / ep.
+    experts = sum(s.expert_numel for s in stages) if p.ep > 1 else 0
+    shard = math.ceil((local - experts) / n)
+    flat = shard * n
+    if experts:
+        edp = max(1, n // p.ep)
+        shard += math.ceil(experts / edp)
+        flat += math.ceil(experts / edp) * edp
+    return local, flat, shard, fsdp
 
 
 def state_bytes(cfg: Config, pp_rank: int = 0) -> dict[str, int]:
@@ -115,9 +124,10 @@ def rank_phases(cfg: Config, dtype: str, pp_rank: int, runtime_bytes: int, units
     else:
         grads_bwd = local * GRAD
     base = {"params": state["params"], "optimizer": state["optimizer"]}
+    workspace = max(2 * units[f"{kind}_none"] - units[kind] for kind in _layer_kinds(stages))
     backward = base | {
         "grads": grads_bwd, "activations": acts["total"], "zero3_unsharded": unsharded,
-        "backward_workspace": round(2 * units["layer_none"] - units["layer"]), "logits_loss": round(logits),
+        "backward_workspace": round(workspace), "logits_loss": round(logits),
     }  # fmt: skip
     reduce_buf = {0: flat, 1: flat, 2: flat + shard, 3: 0}[p.zero] * GRAD
     if p.zero < 2 and p.dp * p.cp == 1:
@@ -133,6 +143,12 @@ def rank_phases(cfg: Config, dtype: str, pp_rank: int, runtime_bytes: int, units
     return {
         k: {**v, "runtime": runtime_bytes, "total": int(sum(v.values()) + runtime_bytes)} for k, v in phases.items()
     }
+
+
+def _layer_kinds(stages: tuple) -> list[str]:
+    """Which of `unit_bytes`' layer kinds the stages have ("layer": dense, "moe_layer")."""
+    kinds = {kind for st in stages for kind, n in (("layer", st.dense_layers), ("moe_layer", st.moe_layers)) if n}
+    return sorted(kinds) or ["layer"]
 
 
 ITEMS = ("params", "grads", "optimizer", "activations", "zero3_unsharded", "backward_workspace", "logits_loss",

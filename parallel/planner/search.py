@@ -91,21 +91,21 @@ def _groups(
                 target = gb % dp == 0
                 batch = gb if target else max(dp, round(gb / dp) * dp)
                 for sched, virtual in _schedules(pp, n_layers, schedules):
-                    for rep in (r for r in _divisors(dp) if free("dp_replicate", r)):
+                    for rep, ep in _replicas_and_experts(cfg, dp, free):
                         for zero in zero_stages:
                             if (rep > 1 and zero == 0) or (dp == 1 and zero > 0 and 0 in zero_stages):
                                 continue  # HSDP needs a ZeRO stage; over one dp rank every stage is ZeRO 0
                             for mb in _divisors(batch // dp):
                                 if micro_batches is not None and mb not in micro_batches:
                                     continue
-                                base = _build(cfg, world, tp, cp, pp, dp, rep, zero, sched, virtual, mb, batch)
+                                base = _build(cfg, world, tp, cp, pp, dp, rep, zero, sched, virtual, mb, batch, ep)
                                 if base is None:
                                     continue
                                 group = []
                                 for ac in checkpointing:
                                     par = base.parallel.model_copy(update={"activation_checkpointing": ac})
                                     group.append(base.model_copy(update={"parallel": par}))
-                                yield (tp, cp, pp, dp, sched, virtual, rep, zero), mb, target, group
+                                yield (tp, cp, pp, dp, sched, virtual, rep, zero, ep), mb, target, group
 
 
 def kept_fields(cfg: Config) -> dict[str, Any]:
@@ -116,9 +116,19 @@ def kept_fields(cfg: Config) -> dict[str, Any]:
         return {}
     p = cfg.parallel
     fields = {"dp": p.dp, "tp": p.tp, "pp": p.pp, "cp": p.cp, "zero": p.zero, "dp_replicate": p.dp_replicate,
+              "ep": p.ep,
               "pp_schedule": p.pp_schedule, "activation_checkpointing": p.activation_checkpointing,
               "micro_batch": cfg.train.micro_batch}  # fmt: skip
     return {k: v for k, v in fields.items() if k not in auto}
+
+
+def _replicas_and_experts(cfg: Config, dp: int, free: Any) -> Iterator[tuple[int, int]]:
+    """(dp_replicate, ep) pairs: every HSDP replica count, and for a mixture-of-experts model every ep that
+    divides both the dp_shard ranks and n_experts (1 for a dense model)."""
+    moe = cfg.model.moe
+    for rep in (r for r in _divisors(dp) if free("dp_replicate", r)):
+        eps = [e for e in _divisors(dp // rep) if moe.n_experts % e == 0] if moe is not None else [1]
+        yield from ((rep, e) for e in eps if free("ep", e))
 
 
 def _schedules(pp: int, n_layers: int, schedules: tuple[str, ...]) -> Iterator[tuple[str, int]]:
@@ -135,12 +145,12 @@ def _schedules(pp: int, n_layers: int, schedules: tuple[str, ...]) -> Iterator[t
 
 
 def _build(cfg: Config, world: int, tp: int, cp: int, pp: int, dp: int, rep: int, zero: int, sched: str,
-           virtual: int, mb: int, batch: int) -> Config | None:  # fmt: skip
+           virtual: int, mb: int, batch: int, ep: int = 1) -> Config | None:  # fmt: skip
     fields = cfg.parallel.model_dump(exclude={"dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule",
-                                              "pp_virtual", "microbatches", "dp_min"})  # fmt: skip
+                                              "pp_virtual", "microbatches", "dp_min", "ep"})  # fmt: skip
     try:
         par = ParallelConfig(**fields, dp=dp, tp=tp, pp=pp, cp=cp, zero=zero, dp_replicate=rep, pp_schedule=sched,
-                             pp_virtual=virtual)  # fmt: skip
+                             pp_virtual=virtual, ep=ep)  # fmt: skip
         train = cfg.train.model_copy(update={"micro_batch": mb, "global_batch": batch})
         return check(cfg.model_copy(update={"parallel": par, "train": train}), world_size=world)
     except (ConfigError, ValueError):

@@ -10,6 +10,7 @@ every weight but the norms (`tensor_parallel.apply_tp`); FLOPs follow `parallel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -41,6 +42,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]
     tp_sharded: bool
+    expert: bool = False  # a routed experts' stacked weight: its dim 0 is this rank's experts (1/ep)
 
     @property
     def numel(self) -> int:
@@ -55,6 +57,48 @@ class Tensor:
 def model_key(m: ModelConfig) -> tuple[int, ...]:
     """The fields of a model config the arithmetic depends on (a cache key)."""
     return (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size)
+
+
+MoEKey = tuple[int, int, int, int, int, int] | None
+
+
+def moe_key(m: ModelConfig) -> MoEKey:
+    """The mixture-of-experts fields the arithmetic depends on: (n_experts, top_k, expert_ffn_dim,
+    n_shared_experts, first_dense, every), or None for a dense model."""
+    e = m.moe
+    if e is None or e.expert_ffn_dim is None:
+        return None
+    return (e.n_experts, e.top_k, e.expert_ffn_dim, e.n_shared_experts, e.first_dense, e.every)
+
+
+def is_moe_layer(moe: MoEKey, index: int) -> bool:
+    return moe is not None and index >= moe[4] and (index - moe[4]) % moe[5] == 0
+
+
+def moe_block_tensors(m: ModelConfig, tp: int, ep: int = 1) -> list[Tensor]:
+    """The parameters of one mixture-of-experts block on one rank (tp shard, ep share), in model order."""
+    return list(_moe_block(model_key(m), moe_key(m), tp, ep))
+
+
+@lru_cache(maxsize=256)
+def _moe_block(key: tuple[int, ...], moe: MoEKey, tp: int, ep: int) -> tuple[Tensor, ...]:
+    """Attention as in a dense block (tp-split); router, shared and routed experts kept whole on every tp
+    rank (parallel/tensor_parallel.py), the routed experts' dim 0 split over ep."""
+    assert moe is not None
+    d = key[0]
+    n_experts, _, fe, shared, _, _ = moe
+    out = [*_block(key, tp)[:6], Tensor("router", (n_experts, d), False)]
+    local = n_experts // ep
+    out += [Tensor("experts.w1", (local, fe, d), False, True), Tensor("experts.w3", (local, fe, d), False, True),
+            Tensor("experts.w2", (local, d, fe), False, True)]  # fmt: skip
+    if shared:
+        h = shared * fe
+        out += [
+            Tensor("shared.w1", (h, d), False),
+            Tensor("shared.w3", (h, d), False),
+            Tensor("shared.w2", (d, h), False),
+        ]
+    return tuple(out)
 
 
 def block_tensors(m: ModelConfig, tp: int) -> list[Tensor]:
@@ -89,10 +133,18 @@ class Stage:
     last: bool
     block: tuple[Tensor, ...]
     root: tuple[Tensor, ...]  # embedding (first stage), final norm and output head (last stage)
+    moe_layers: int = 0  # of its n_layers, how many are mixture-of-experts blocks (`moe_block`)
+    moe_block: tuple[Tensor, ...] = ()
+    ep: int = 1  # expert parallelism: the routed experts' FSDP2 shards are over dp_shard / ep ranks
+
+    @property
+    def dense_layers(self) -> int:
+        return self.n_layers - self.moe_layers
 
     @cached_property
     def block_numel(self) -> int:
-        return sum(t.numel for t in self.block)
+        """Elements of its largest block (a dense one, or a mixture-of-experts one)."""
+        return max(sum(t.numel for t in self.block), sum(t.numel for t in self.moe_block))
 
     @cached_property
     def root_numel(self) -> int:
@@ -100,12 +152,22 @@ class Stage:
 
     @cached_property
     def numel(self) -> int:
-        return self.n_layers * self.block_numel + self.root_numel
+        return self.layers_numel(lambda t: True) + self.root_numel
+
+    @cached_property
+    def expert_numel(self) -> int:
+        """Elements of its routed experts (ZeRO shards them over dp_shard / ep ranks)."""
+        return self.layers_numel(lambda t: t.expert)
+
+    def layers_numel(self, which: Callable[[Tensor], bool]) -> int:
+        return self.dense_layers * sum(t.numel for t in self.block if which(t)) + self.moe_layers * sum(
+            t.numel for t in self.moe_block if which(t)
+        )
 
     @cached_property
     def block_matmul_numel(self) -> int:
-        """Elements of one block's matmul weights (all but the norms)."""
-        return sum(t.numel for t in self.block if len(t.shape) == 2)
+        """Elements of one block's matmul weights (all but the norms), its blocks averaged."""
+        return round(self.layers_numel(lambda t: len(t.shape) >= 2) / max(1, self.n_layers))
 
     @cached_property
     def head_numel(self) -> int:
@@ -115,54 +177,61 @@ class Stage:
     @cached_property
     def largest(self) -> int:
         """Elements of its largest tensor."""
-        return max(t.numel for t in (*self.block, *self.root))
+        return max(t.numel for t in (*self.block, *self.moe_block, *self.root))
 
     @cached_property
     def _fsdp(self) -> dict[int, int]:
         return {}
 
     def fsdp_numel(self, n: int) -> int:
-        """Elements of this rank's FSDP2 shards of every tensor of the stage over n ranks."""
+        """Elements of this rank's FSDP2 shards of every tensor of the stage over n ranks (the routed
+        experts over n / ep)."""
         if n not in self._fsdp:
-            each = lambda ts: sum(t.fsdp_shard(n) for t in ts)  # noqa: E731
-            self._fsdp[n] = self.n_layers * each(self.block) + each(self.root)
+            each = lambda ts: sum(t.fsdp_shard(max(1, n // self.ep) if t.expert else n) for t in ts)  # noqa: E731
+            blocks = self.dense_layers * each(self.block) + self.moe_layers * each(self.moe_block)
+            self._fsdp[n] = blocks + each(self.root)
         return self._fsdp[n]
 
     def tensors(self) -> list[Tensor]:
         emb = [t for t in self.root if t.name == "tok_embeddings"]
-        return emb + list(self.block) * self.n_layers + [t for t in self.root if t.name != "tok_embeddings"]
+        blocks = list(self.block) * self.dense_layers + list(self.moe_block) * self.moe_layers
+        return emb + blocks + [t for t in self.root if t.name != "tok_embeddings"]
 
 
 def stages_of(m: ModelConfig, p: ParallelConfig) -> list[Stage]:
     """Every pipeline stage, in global order, as one tp rank holds it."""
-    return list(_stages(model_key(m), p.tp, p.stages))
+    return list(_stages(model_key(m), p.tp, p.stages, moe_key(m), p.ep))
 
 
 @lru_cache(maxsize=1024)
-def _stages(key: tuple[int, ...], tp: int, n: int) -> tuple[Stage, ...]:
+def _stages(key: tuple[int, ...], tp: int, n: int, moe: MoEKey = None, ep: int = 1) -> tuple[Stage, ...]:
     dim, n_layers, _, _, _, vocab = key
     block = _block(key, tp)
-    out = []
+    moe_block = _moe_block(key, moe, tp, ep) if moe is not None else ()
+    out, start = [], 0
     for s, layers in enumerate(layer_counts(n_layers, n)):
         root = []
         if s == 0:
             root.append(Tensor("tok_embeddings", (vocab // tp, dim), tp > 1))
         if s == n - 1:
             root += [Tensor("norm", (dim,), False), Tensor("output", (vocab // tp, dim), tp > 1)]
-        out.append(Stage(s, layers, s == 0, s == n - 1, block, tuple(root)))
+        moe_layers = sum(is_moe_layer(moe, i) for i in range(start, start + layers))
+        out.append(Stage(s, layers, s == 0, s == n - 1, block, tuple(root), moe_layers, moe_block, ep))
+        start += layers
     return tuple(out)
 
 
 def rank_stages(m: ModelConfig, p: ParallelConfig, pp_rank: int) -> tuple[Stage, ...]:
     """The stages one pp rank holds, in execution order."""
-    return _rank_stages(model_key(m), p.tp, p.pp, p.pp_virtual, p.pp_schedule, pp_rank)
+    return _rank_stages(model_key(m), p.tp, p.pp, p.pp_virtual, p.pp_schedule, pp_rank, moe_key(m), p.ep)
 
 
 @lru_cache(maxsize=4096)
 def _rank_stages(
-    key: tuple[int, ...], tp: int, pp: int, virtual: int, schedule: str, pp_rank: int
-) -> tuple[Stage, ...]:
-    every = _stages(key, tp, pp * virtual)
+    key: tuple[int, ...], tp: int, pp: int, virtual: int, schedule: str, pp_rank: int, moe: MoEKey = None,
+    ep: int = 1,
+) -> tuple[Stage, ...]:  # fmt: skip
+    every = _stages(key, tp, pp * virtual, moe, ep)
     if pp == 1:
         return (every[0],)
     if schedule == "zbv":
@@ -176,7 +245,7 @@ def local_params(m: ModelConfig, p: ParallelConfig, pp_rank: int) -> int:
 
 
 def total_params(m: ModelConfig) -> int:
-    """Parameters of the whole model (equals `parallel.flops.param_count`)."""
+    """Parameters of the whole model, every expert counted (equals `parallel.flops.param_count`)."""
     one = ParallelConfig()
     return stages_of(m, one)[0].numel
 
@@ -185,17 +254,37 @@ def total_params(m: ModelConfig) -> int:
 
 
 def layer_flops(m: ModelConfig, seq_len: int) -> tuple[float, float]:
-    """Training FLOPs of one block per token: (weights, attention) = (6 * block params, 12 * D * S), the
-    terms of `flops.flops_per_token` (norm weights included in the 6N, as there)."""
+    """Training FLOPs of one dense block per token: (weights, attention) = (6 * block params, 12 * D * S),
+    the terms of `flops.flops_per_token` (norm weights included in the 6N, as there)."""
     block = sum(t.numel for t in block_tensors(m, 1))
     return 6.0 * block, 12.0 * m.n_heads * m.head_dim * seq_len
 
 
+def moe_layer_flops(m: ModelConfig) -> tuple[float, float]:
+    """Weight FLOPs per token of one mixture-of-experts block: (attention part, split by tp; router, shared
+    and top_k routed experts, which every tp rank computes whole). 6 x the active parameters, as
+    `flops.flops_per_token` counts them."""
+    moe = moe_key(m)
+    assert moe is not None
+    tensors = moe_block_tensors(m, 1)
+    attention = sum(t.numel for t in tensors[:6])
+    routed = sum(t.numel for t in tensors if t.expert) * moe[1] // moe[0]  # top_k of n_experts
+    rest = sum(t.numel for t in tensors[6:] if not t.expert)
+    return 6.0 * attention, 6.0 * (rest + routed)
+
+
 def stage_flops(m: ModelConfig, stage: Stage, seq_len: int, tp: int) -> float:
-    """Training FLOPs per token of one stage on one tp rank (the input embedding does none)."""
+    """Training FLOPs per token of one stage on one tp rank (the input embedding does none). A
+    mixture-of-experts block's experts are kept whole under tp: every tp rank computes them."""
     weights, attention = layer_flops(m, seq_len)
     head = 6.0 * (m.dim + m.dim * m.vocab_size) if stage.last else 0.0
-    return (stage.n_layers * (weights + attention) + head) / tp
+    split = stage.dense_layers * (weights + attention) + head
+    whole = 0.0
+    if stage.moe_layers:
+        moe_attention, moe_rest = moe_layer_flops(m)
+        split += stage.moe_layers * (moe_attention + attention)
+        whole = stage.moe_layers * moe_rest
+    return split / tp + whole
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from parallel.config import Config, ConfigError
-from parallel.moe_config import MOE_NOT_MODELLED
+from parallel.config import Config
 from parallel.planner.comms import collectives, comm_bytes
 from parallel.planner.hardware import Cluster, GiB, axis_links
 from parallel.planner.memory import peak_memory, zero_sizes
-from parallel.planner.shapes import block_tensors, flops_per_token, rank_stages, stage_flops, stage_rank
+from parallel.planner.shapes import (
+    block_tensors,
+    flops_per_token,
+    moe_layer_flops,
+    rank_stages,
+    stage_flops,
+    stage_rank,
+)
 
 DEFAULT_EFFICIENCY = 0.55
 """Fraction of the dense peak the matmuls reach (kernel efficiency, not counting anything modelled here)."""
@@ -73,7 +79,8 @@ def describe(cfg: Config) -> str:
     rep = f"(r{p.dp_replicate})" if p.dp_replicate > 1 else ""
     sched = f":{p.pp_schedule}" + (f"x{p.pp_virtual}" if p.pp_virtual > 1 else "") if p.pp > 1 else ""
     cp = f" cp{p.cp}" + (":allgather" if p.cp_mode == "allgather" and p.cp > 1 else "")
-    return (f"dp{p.dp}{rep} tp{p.tp} pp{p.pp}{sched}{cp} zero{p.zero} ac:{p.activation_checkpointing} "
+    ep = f" ep{p.ep}" if p.ep > 1 else ""
+    return (f"dp{p.dp}{rep}{ep} tp{p.tp} pp{p.pp}{sched}{cp} zero{p.zero} ac:{p.activation_checkpointing} "
             f"mb{cfg.train.micro_batch}")  # fmt: skip
 
 
@@ -166,7 +173,10 @@ def _rank_seconds(cfg: Config, pp_rank: int, rate: float, slow: float) -> tuple[
         weights += stage_flops(m, s, t.seq_len, p.tp) * tokens - a
         attention += a
         if p.activation_checkpointing == "full":  # the block's forward again (norms and head are not wrapped)
-            rec += s.n_layers * (2.0 * block * tokens / p.tp + per_layer_attention / 3 * slow)
+            rec += s.dense_layers * 2.0 * block * tokens / p.tp + s.n_layers * per_layer_attention / 3 * slow
+            if s.moe_layers:  # a mixture-of-experts block's forward: 1/3 of its training FLOPs
+                moe_attention, moe_rest = moe_layer_flops(m)
+                rec += s.moe_layers * (moe_attention / p.tp + moe_rest) / 3 * tokens
     w, a = weights / rate, attention * slow / rate
     return w / 3 + a / 3, w / 3 + 2 * a / 3, w / 3, rec / rate, a
 
@@ -206,15 +216,13 @@ def predict(
     transfers block). Optimizer: AdamW reads and writes 32 bytes per owned element
     at memory bandwidth. Step = the slowest pp rank's sum plus the bubble. `peak`: what
     `planner.memory.peak_memory` answers, when the caller has it already."""
-    if cfg.model.moe is not None:
-        raise ConfigError(f"model.moe: {MOE_NOT_MODELLED}")
     acc = cluster.accelerator
     dtype = compute_dtype(cfg, cluster)
     tflops, rate, slow = _rates(cfg, cluster, efficiency)
     p = cfg.parallel
     links = axis_links(p, cluster)
     hides = 0.0 if acc.kind == "cpu" else 1.0  # a CPU rank's one thread runs its transfers too
-    hide = {"dp_shard": hides, "dp_replicate": hides, "cp": hides, "tp": 0.0, "pp": 0.0} | (overlap or {})
+    hide = {"dp_shard": hides, "dp_replicate": hides, "cp": hides, "tp": 0.0, "pp": 0.0, "ep": 0.0} | (overlap or {})
     micro = p.microbatches or cfg.grad_accum
     worst: tuple[float, dict[str, float], int] = (-1.0, {}, 0)
     bubble = 0.0

@@ -118,7 +118,8 @@ class StateSampler:
         self.fsdp = _fsdp_params(trainer.parts)
         opt = trainer.optimizer
         opt.after_backward = self.sampled(opt.after_backward)
-        opt.opt.step = self.sampled(opt.opt.step)
+        for each in getattr(opt, "parts", (opt,)):  # expert parallelism: a dense and an experts' optimizer
+            each.opt.step = self.sampled(each.opt.step)
 
     def sample(self) -> None:
         if not self.active:
@@ -174,6 +175,9 @@ class SavedTracker:
         self.tag: tuple[int, int] | None = None
         self.active = False
         self.buffers = {_local(b).untyped_storage().data_ptr() for m in parts for b in m.buffers()}
+        # A DTensor parameter's local tensor (expert weights sharded over ep) is read as `to_local()`, a new
+        # tensor on the parameter's storage: model state too.
+        self.buffers |= {_local(q).untyped_storage().data_ptr() for m in parts for q in m.parameters()}
         self.per_tag: dict[tuple[int, int], dict[int, set[tuple[int, int]]]] = defaultdict(lambda: defaultdict(set))
         self.live: dict[int, Counter] = defaultdict(Counter)  # storage -> live (lo, hi) extents
         self.live_union: dict[int, int] = {}
@@ -363,7 +367,7 @@ class CommCounter(TorchDispatchMode):
             kind, tensors, mult = _payload(name, args, kwargs)
             if kind in COLLECTIVES:
                 self.ops[str(func)] += 1
-                axis = self._axis(self._group(args, kwargs))
+                axis = "ep" if kind == "all_to_all" else self._axis(self._group(args, kwargs))
                 nbytes = sum(_local(t).numel() * _local(t).element_size() for t in tensors) * mult
                 if tensors and sum(t.numel() for t in tensors) <= 1:
                     self.scalars[(axis, kind)] += 1
@@ -384,8 +388,11 @@ class Probe:
         self.trainer = trainer
         layout = trainer.layout
         axis_of_ranks = {}
-        for axis in ("pp", "dp_replicate", "dp_shard", "cp", "tp"):
-            group = layout.group(axis)
+        groups = [(axis, layout.group(axis)) for axis in ("pp", "dp_replicate", "dp_shard", "cp", "tp")]
+        # expert parallelism: the experts' dp group (edp) reduces their gradients, counted as dp_shard traffic
+        # (all-to-alls are ep traffic whatever group carries them: the ep group can have dp_shard's ranks)
+        groups.append(("dp_shard", layout.expert_group("edp")))
+        for axis, group in groups:
             if group is not None:
                 axis_of_ranks[tuple(sorted(torch.distributed.get_process_group_ranks(group)))] = axis
         self.state = StateSampler(trainer)

@@ -77,7 +77,12 @@ def predicted(cfg: Any, pp_rank: int) -> dict[str, Any]:
 
     units = unit_bytes(cfg, "fp32")
     per_stage = {
-        s.index: round(s.n_layers * units["layer"] + s.first * units["tokens"] * 8 + s.last * units["head"])
+        s.index: round(
+            s.dense_layers * units["layer"]
+            + s.moe_layers * units["moe_layer"]
+            + s.first * units["tokens"] * 8
+            + s.last * units["head"]
+        )  # fmt: skip
         for s in rank_stages(cfg.model, cfg.parallel, pp_rank)
     }
     acts = activation_bytes(cfg, pp_rank, "fp32")

@@ -1,8 +1,9 @@
-"""Mixture-of-experts models train exactly like one process in every layout they run in so far (dp with
-ZeRO 0-3, pipelines, recomputation), dropless and with a capacity factor, with the aux loss and with
-the auxiliary-loss-free bias update: losses <= 1e-4 relative, weights <= 1e-5, and the router's
-metrics (aux loss, dropped share, busiest expert) equal one process's. A skewed router neither hangs
-nor crashes, and the metrics show it."""
+"""Mixture-of-experts models train exactly like one process in every layout they run in (dp with ZeRO 0-3
+and HSDP, expert parallelism at ep=2 and ep=4, tp, cp, pipelines, recomputation and their combinations),
+dropless and with a capacity factor, with the aux loss and with the auxiliary-loss-free bias update:
+losses <= 1e-4 relative, weights <= 1e-5, and the router's metrics (aux loss, dropped share, busiest
+expert) equal one process's. A skewed router neither hangs nor crashes, and the metrics show it; a job
+saved at ep=4 resumes at ep=2 and in one process."""
 
 from pathlib import Path
 
@@ -42,6 +43,14 @@ LAYOUTS = {
     "tp2": (2, [*MOE, "parallel.tp=2"], "one"),
     "ep2-tp2-zero1": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.zero=1"], "one"),
     "ep2-tp2-zero3": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.zero=3"], "one"),
+    "cp2": (2, [*MOE, "parallel.cp=2"], "one"),
+    "cp2-capacity": (2, [*CAPACITY, "parallel.cp=2", "parallel.cp_mode=allgather"], "one-capacity"),
+    "ep2-cp2-zero1": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.cp=2", "parallel.zero=1"], "one"),
+    "ep2-cp2-zero3": (
+        4,
+        [*CAPACITY, "parallel.dp=2", "parallel.ep=2", "parallel.cp=2", "parallel.zero=3"],
+        "one-capacity",
+    ),
     "ep2-capacity": (2, [*CAPACITY, "parallel.dp=2", "parallel.ep=2", "parallel.zero=1"], "one-capacity"),
     "ep2-bias": (2, [*BIAS, "parallel.dp=2", "parallel.ep=2", "parallel.zero=2"], "one-bias"),
 }

@@ -1,6 +1,7 @@
 """The planner's predictions (parallel/planner) against what the engine does, measured on every rank of
-fifteen layouts over dp (ZeRO 0-3, HSDP), tp with sequence parallelism, pp (gpipe, 1f1b, interleaved
-1F1B, zero-bubble V), cp (ring and all-gather) and activation checkpointing (none, selective, full).
+seventeen layouts over dp (ZeRO 0-3, HSDP), tp with sequence parallelism, pp (gpipe, 1f1b, interleaved
+1F1B, zero-bubble V), cp (ring and all-gather), activation checkpointing (none, selective, full) and
+expert parallelism (a mixture-of-experts model at ep=2 and ep=4).
 
 How each quantity is measured is in tests/dist/planner_probe.py; in short, in the second of two steps:
 
@@ -78,6 +79,9 @@ LAYOUTS: dict[str, list[str]] = {
         "parallel.zero=2",
         "parallel.activation_checkpointing=selective",
     ],  # fmt: skip
+    # mixture of experts: experts sharded over ep (dp_shard ranks), their states over the edp rest
+    "moe_dp4_ep2_zero1": ["model.preset=tiny-moe", "parallel.dp=4", "parallel.ep=2", "parallel.zero=1"],
+    "moe_dp4_ep4_zero3": ["model.preset=tiny-moe", "parallel.dp=4", "parallel.ep=4", "parallel.zero=3"],
 }
 ALL = {**LAYOUTS, **FOUR_D}
 

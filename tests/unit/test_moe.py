@@ -156,13 +156,8 @@ def test_config_errors_name_the_field() -> None:
     for bad in ({"preset": {"a": 1}}, {"preset": ["tiny-moe"]}, {"preset": "tiny-moe", "moe": [1]}):
         with pytest.raises(ValidationError):  # a wrong type is a validation error, never a TypeError (a 500)
             ModelConfig.model_validate(bad)
-    for spec, field in [
-        ({"parallel": {"cp": 2}}, "parallel.cp=2"),
-        ({"train": {"compile": True}}, "train.compile"),
-        ({"plan": {"auto": ["dp"]}}, "plan.auto"),
-    ]:
-        with pytest.raises(ConfigError, match=field):
-            build_config({"model": {"preset": "tiny-moe"}, **spec}, world_size=2 if "parallel" in spec else None)
+    with pytest.raises(ConfigError, match="model.init_from='/x': Hugging Face import is for dense Llama models"):
+        build_config({"model": {"preset": "tiny-moe", "init_from": "/x"}})
 
 
 def test_expert_parallel_config_errors_name_the_field() -> None:
@@ -178,22 +173,54 @@ def test_expert_parallel_config_errors_name_the_field() -> None:
     assert ok.parallel.ep == 2
 
 
-def test_what_does_not_handle_experts_yet_says_so(tmp_path) -> None:  # noqa: ANN001
+def test_export_of_a_model_mixtral_cannot_express_is_refused(tmp_path) -> None:  # noqa: ANN001
     from parallel.hf import export_hf
-    from parallel.planner import Cluster, predict
-    from service.planning import PlanInputError, plan, predicted_run
 
     cfg = build_config({"model": {"preset": "tiny-moe"}})  # shared experts: Mixtral has none
     with pytest.raises(ConfigError, match="model.moe.n_shared_experts=1: Mixtral has n_shared_experts=0"):
         export_hf({}, cfg.model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    cluster = Cluster.parse("1x8xh100-80gb")
-    with pytest.raises(ConfigError, match="model.moe: the planner does not model mixture-of-experts"):
-        predict(cfg, cluster)
-    for call in (lambda: plan(cfg, cluster), lambda: predicted_run(cfg, {})):
-        with pytest.raises(PlanInputError) as err:
-            call()
-        assert err.value.field == "model.moe"
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "debug-moe", "mixtral-8x7b"])
+def test_planner_counts_every_expert_for_memory_and_the_active_ones_for_flops(preset: str) -> None:
+    from parallel.expert_parallel import is_expert_param
+    from parallel.flops import flops_per_token_terms
+    from parallel.planner import state_bytes
+    from parallel.planner.shapes import flops_per_token as planner_flops
+    from parallel.planner.shapes import total_params
+
+    m = ModelConfig(preset=preset)
+    with torch.device("meta"):
+        named = [(n, p.numel()) for n, p in Transformer(m, max_seq_len=64).named_parameters()]
+    assert total_params(m) == sum(n for _, n in named) == param_count(m)
+    weights, attention = flops_per_token_terms(m, 4096)
+    assert weights == 6 * param_count(m, include_embedding=False, active=True)  # 6 x active N
+    assert planner_flops(m, 4096) == weights + attention
+    # one rank's parameters at ep = n_experts, ZeRO 0: every dense tensor, 1/ep of each expert tensor
+    ep = m.moe.n_experts
+    cfg = build_config({"model": {"preset": preset}, "parallel": {"dp": ep, "ep": ep},
+                        "train": {"global_batch": ep, "micro_batch": 1}}, world_size=ep)  # fmt: skip
+    mine = sum(n // ep if is_expert_param(name) else n for name, n in named)
+    assert state_bytes(cfg)["params"] == 4 * mine
+
+
+def test_planner_predicts_and_ranks_expert_parallel_layouts() -> None:
+    from parallel.planner import Cluster, predict
+    from parallel.planner.search import search
+    from parallel.planner.shapes import flops_per_token as planner_flops
+
+    cluster = Cluster.parse("2x8xh100-80gb")
+    spec = {"model": {"preset": "mixtral-8x7b"}, "train": {"global_batch": 64, "micro_batch": 1, "seq_len": 4096}}
+    cfg = build_config({**spec, "parallel": {"dp": 16, "ep": 8, "zero": 3}}, world_size=16)
+    pred = predict(cfg, cluster)
+    assert "ep8" in pred.layout and pred.links["ep"] == "intra"  # an ep group of 8 on one node of 8
+    assert pred.time["comm_ep"] > 0 and pred.comm_bytes["ep"] > 0
+    peak = cluster.accelerator.peak_tflops[pred.dtype] * 1e12
+    assert pred.mfu == pytest.approx(pred.tokens_per_s * planner_flops(cfg.model, 4096) / (16 * peak))
+    found = search(build_config({**spec, "parallel": {"dp": 16}}, world_size=16), cluster, top=5)
+    assert found and all(c.prediction.fits for c in found)
+    assert any(c.config.parallel.ep > 1 for c in found)
 
 
 def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path) -> None:  # noqa: ANN001

@@ -34,7 +34,7 @@ def _cfg(**sections: Any) -> Any:
 
 def test_parallel_auto_leaves_every_layout_field_to_the_planner() -> None:
     cfg = _cfg(parallel="auto")
-    assert cfg.plan.auto == ["dp", "tp", "pp", "cp", "zero", "dp_replicate", "pp_schedule",
+    assert cfg.plan.auto == ["dp", "tp", "pp", "cp", "zero", "dp_replicate", "ep", "pp_schedule",
                              "activation_checkpointing", "micro_batch"]  # fmt: skip
     assert cfg.train.micro_batch == 1  # a placeholder every global batch takes
     kept = build_config({**TINY, "parallel": "auto", "train": {**TINY["train"], "micro_batch": 4}})
@@ -44,7 +44,7 @@ def test_parallel_auto_leaves_every_layout_field_to_the_planner() -> None:
 def test_an_auto_axis_with_dp_unset_leaves_dp_too_and_keeps_the_rest() -> None:
     cfg = build_config({**TINY, "parallel": {"tp": "auto", "zero": 1}}, strict=True)
     assert cfg.plan.auto == ["dp", "tp"]
-    assert kept_fields(cfg) == {"pp": 1, "cp": 1, "zero": 1, "dp_replicate": 1, "pp_schedule": "1f1b",
+    assert kept_fields(cfg) == {"pp": 1, "cp": 1, "zero": 1, "dp_replicate": 1, "ep": 1, "pp_schedule": "1f1b",
                                 "activation_checkpointing": "none", "micro_batch": 2}  # fmt: skip
     fixed_dp = _cfg(parallel={"tp": "auto", "dp": 2})
     assert fixed_dp.plan.auto == ["tp"] and kept_fields(fixed_dp)["dp"] == 2
@@ -64,7 +64,7 @@ def test_a_search_keeps_the_fields_the_spec_fixes() -> None:
     [
         ({"plan": {"ranks": 4}}, "plan.ranks=4: goes with layout fields left to the planner"),
         ({"parallel": {"tp": "automatic"}}, "parallel.tp: Input should be a valid integer"),
-        ({"parallel": "auto", "plan": {"auto": ["ep"]}}, "plan.auto.0: Input should be 'dp', 'tp'"),
+        ({"parallel": "auto", "plan": {"auto": ["sp"]}}, "plan.auto.0: Input should be 'dp', 'tp'"),
         ({"parallel": "auto", "train": ["x"]}, "train: Input should be a valid dictionary"),
     ],
 )

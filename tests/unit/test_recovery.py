@@ -30,6 +30,15 @@ def test_fit_shrinks_dp_to_the_largest_that_fits_and_divides_the_batch() -> None
     assert len(plan.ranks) == 4
 
 
+def test_fit_shrinks_expert_parallelism_with_dp() -> None:
+    spec = {"model": {"preset": "tiny-moe"}, "parallel": {"dp": 4, "ep": 4, "dp_min": 1},
+            "train": {"global_batch": 8, "micro_batch": 2}}  # fmt: skip
+    got, plan = fit(build_config(spec), cpus(3))  # dp=3 cannot split 8 sequences; dp=2 takes ep=2
+    assert (got.parallel.dp, got.parallel.ep) == (2, 2) and len(plan.ranks) == 2
+    got, _ = fit(build_config(spec), cpus(1))
+    assert (got.parallel.dp, got.parallel.ep) == (1, 1)
+
+
 def test_fit_respects_dp_min_and_non_elastic_jobs() -> None:
     elastic = build_config({"parallel": {"dp": 4, "dp_min": 2}, "train": {"global_batch": 8, "micro_batch": 2}})
     assert fit(elastic, cpus(1)) is None
