@@ -1,5 +1,5 @@
 """Hugging Face Llama format (Mixtral for mixture-of-experts models): export a checkpoint, start a job
-from an export (dense models).
+from an export or a hub directory.
 
     fourfold ckpt export runs/x/ckpt/step-00000010 --hf runs/x/hf     # config.json + model.safetensors
     fourfold train --set model.init_from=runs/x/hf ...                 # start from it
@@ -9,7 +9,9 @@ Names map one to one (`layers.0.attention.wq.weight` <->
 RoPE rotates adjacent pairs (x[2i], x[2i+1]) while HF's rotates the two halves of
 each head, so the rows of wq and wk are permuted per head on the way out and back
 on the way in. A permutation moves values without touching them: a round trip is
-bit-exact.
+bit-exact. Mixture-of-experts models take the hub's Mixtral layout both ways
+(`block_sparse_moe.gate`, and one `experts.<j>.w1/w3/w2` per expert, stacked into our (E, ...) tensors
+on the way in), for the models Mixtral can express (`_mixtral_refusal`).
 """
 
 from __future__ import annotations
@@ -161,8 +163,33 @@ def export_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Pat
     return out
 
 
+def _mixtral_names(name: str, experts: int) -> list[str] | None:
+    """The hub's Mixtral names of one of our MoE tensors, one per expert for a stacked experts' weight
+    (None: not an MoE tensor): the inverse of `_mixtral_tensors`."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[2] != "feed_forward" or parts[3] not in ("router", "experts"):
+        return None
+    base = f"model.layers.{parts[1]}.block_sparse_moe"
+    if parts[3] == "router":
+        return [f"{base}.gate.weight"]
+    return [f"{base}.experts.{j}.{parts[4]}.weight" for j in range(experts)]
+
+
+def _expected_config(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
+    """HF config.json key -> (our field, its value) for the keys that fix the model's shape."""
+    out = {hf: (ours, getattr(cfg, ours)) for hf, ours in _CONFIG_KEYS.items()}
+    if cfg.moe is not None:  # Mixtral: intermediate_size is each expert's width
+        out["intermediate_size"] = ("moe.expert_ffn_dim", cfg.moe.expert_ffn_dim)
+        out["num_local_experts"] = ("moe.n_experts", cfg.moe.n_experts)
+        out["num_experts_per_tok"] = ("moe.top_k", cfg.moe.top_k)
+    return out
+
+
 def check_hf_dir(path: str, cfg: ModelConfig) -> None:
-    """Refuse (ConfigError) a directory that is not an HF Llama export of this model's shape."""
+    """Refuse (ConfigError) a directory that is not an HF Llama (Mixtral for an MoE model) export of this
+    model's shape."""
+    if cfg.moe is not None and (why := _mixtral_refusal(cfg)) is not None:
+        raise ConfigError(f"model.init_from={path}: {why}")
     root = Path(path)
     if not (root / "config.json").is_file():
         raise ConfigError(f"model.init_from={path}: no config.json there (expected an HF Llama directory)")
@@ -174,8 +201,7 @@ def check_hf_dir(path: str, cfg: ModelConfig) -> None:
         raise ConfigError(f"model.init_from={path}: config.json is not JSON ({err})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"model.init_from={path}: config.json is not a JSON object")
-    for hf, ours in _CONFIG_KEYS.items():
-        want = getattr(cfg, ours)
+    for hf, (ours, want) in _expected_config(cfg).items():
         if saved.get(hf, want if hf == "num_key_value_heads" else None) != want:
             raise ConfigError(
                 f"model.init_from={path}: {hf} is {saved.get(hf)} there but model.{ours} is {want}; "
@@ -200,13 +226,19 @@ def load_hf(models: list[nn.Module], path: str, cfg: ModelConfig) -> None:
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             where.update(dict.fromkeys(f.keys(), file))
+    experts = cfg.moe.n_experts if cfg.moe is not None else 0
     for model in models:
         for name, param in model.named_parameters():
-            key = hf_name(name)
-            if key not in where:
-                raise ConfigError(f"model.init_from={path}: tensor {key} is missing")
-            with safe_open(str(where[key]), framework="pt") as f:
-                full = f.get_tensor(key)
+            keys = (_mixtral_names(name, experts) if experts else None) or [hf_name(name)]
+            for key in keys:
+                if key not in where:
+                    raise ConfigError(f"model.init_from={path}: tensor {key} is missing")
+            pieces = []
+            for key in keys:
+                with safe_open(str(where[key]), framework="pt") as f:
+                    pieces.append(f.get_tensor(key))
+            key = keys[0] if len(keys) == 1 else keys[0].replace(".experts.0.", ".experts.*.")
+            full = pieces[0] if len(keys) == 1 else torch.stack(pieces)  # one per expert -> (E, ...)
             if tuple(full.shape) != tuple(param.shape):
                 raise ConfigError(
                     f"model.init_from={path}: {key} has shape {tuple(full.shape)}, want {tuple(param.shape)}"

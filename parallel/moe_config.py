@@ -68,7 +68,7 @@ class MoEConfig(Section):
 def check_moe(cfg: Config) -> None:
     """What mixture-of-experts models run with so far: data parallelism (ZeRO 0-3, HSDP), expert
     parallelism within dp_shard, tensor parallelism (experts kept whole), context parallelism, pipelines,
-    activation checkpointing, compilation. Hugging Face import is still to come."""
+    activation checkpointing, compilation, Hugging Face (Mixtral) import (checked in parallel.hf)."""
     m, p = cfg.model, cfg.parallel
     if m.moe is None:
         if p.ep > 1:
@@ -83,6 +83,3 @@ def check_moe(cfg: Config) -> None:
         valid = ", ".join(str(d) for d in range(1, p.dp_shard + 1) if p.dp_shard % d == 0)
         raise ConfigError(f"parallel.ep={p.ep}: expert parallelism reuses the dp_shard ranks (dp / dp_replicate = "
                           f"{p.dp_shard}) and must divide them; valid ep: {valid}")  # fmt: skip
-    if m.init_from:
-        raise ConfigError(f"model.init_from={m.init_from!r}: Hugging Face import is for dense Llama models; "
-                          "unset model.moe or model.init_from")  # fmt: skip

@@ -150,3 +150,22 @@ def test_resume_at_another_expert_layout(tmp_path: Path) -> None:
         assert len(got) == len(want) == 5
         for step, (a, b) in enumerate(zip(got, want, strict=True), start=6):
             assert abs(a - b) <= 1e-4 * abs(b), f"world {world}, step {step}: resumed loss {a} vs uninterrupted {b}"
+
+
+def test_expert_parallel_job_starts_from_a_mixtral_directory(tmp_path: Path) -> None:
+    """model.init_from at ep=2 under ZeRO-3: every rank reads the hub-layout experts and keeps its own."""
+    from parallel.config import ModelConfig
+    from parallel.hf import export_hf
+    from parallel.model import Transformer
+
+    mixtral = ["model.preset=tiny-moe", "model.moe.n_shared_experts=0", "model.moe.first_dense=0"]
+    m = ModelConfig.model_validate({"preset": "tiny-moe", "moe": {"n_shared_experts": 0, "first_dense": 0}})
+    saved = Transformer(m, max_seq_len=32)
+    saved.init_weights(7)
+    export_hf(saved.state_dict(), m, tmp_path / "hf")
+    layout = [*mixtral, "parallel.dp=2", "parallel.ep=2", "parallel.zero=3", f"model.init_from={tmp_path / 'hf'}"]
+    got = run_layout(2, ["train.steps=1", *layout], tmp_path, extra="initial")["initial"]
+    want = {n: t for n, t in saved.state_dict().items() if not n.endswith("expert_bias")}
+    assert set(want) <= set(got)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name

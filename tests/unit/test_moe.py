@@ -156,8 +156,6 @@ def test_config_errors_name_the_field() -> None:
     for bad in ({"preset": {"a": 1}}, {"preset": ["tiny-moe"]}, {"preset": "tiny-moe", "moe": [1]}):
         with pytest.raises(ValidationError):  # a wrong type is a validation error, never a TypeError (a 500)
             ModelConfig.model_validate(bad)
-    with pytest.raises(ConfigError, match="model.init_from='/x': Hugging Face import is for dense Llama models"):
-        build_config({"model": {"preset": "tiny-moe", "init_from": "/x"}})
 
 
 def test_expert_parallel_config_errors_name_the_field() -> None:
@@ -237,3 +235,25 @@ def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path) -> 
     tokens = torch.randint(0, m.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_mixtral_import_round_trips_and_refuses_what_mixtral_cannot_express(tmp_path) -> None:  # noqa: ANN001
+    """A Mixtral directory (ours, or the hub's layout) loads into a fresh model bit for bit; a model with
+    shared experts, or experts of another shape, is refused naming the field."""
+    from parallel.hf import check_hf_dir, export_hf, load_hf
+
+    m = ModelConfig.model_validate({"preset": "tiny-moe", "moe": {"n_shared_experts": 0, "first_dense": 0}})
+    saved = Transformer(m, max_seq_len=32)
+    saved.init_weights(3)
+    export_hf(saved.state_dict(), m, tmp_path / "hf")
+    check_hf_dir(str(tmp_path / "hf"), m)
+    fresh = Transformer(m, max_seq_len=32)
+    fresh.init_weights(4)
+    load_hf([fresh], str(tmp_path / "hf"), m)
+    for name, value in saved.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    with pytest.raises(ConfigError, match="model.moe.n_shared_experts=1: Mixtral has n_shared_experts=0"):
+        check_hf_dir(str(tmp_path / "hf"), ModelConfig(preset="tiny-moe"))
+    other = m.model_copy(update={"moe": m.moe.model_copy(update={"expert_ffn_dim": 64})})
+    with pytest.raises(ConfigError, match="intermediate_size is 96 there but model.moe.expert_ffn_dim is 64"):
+        check_hf_dir(str(tmp_path / "hf"), other)
