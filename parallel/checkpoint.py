@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
+from parallel.adamw import STATE_KEYS
 from parallel.ckpt_storage import (  # the storage side, re-exported for the engine's callers
     CheckpointError,
     CheckpointInfo,
@@ -58,7 +59,6 @@ from parallel.ckpt_storage import (  # the storage side, re-exported for the eng
     writer,
 )
 from parallel.config import Config
-from parallel.data_parallel import STATE_KEYS
 from parallel.model import Transformer, persistent_buffers
 
 __all__ = [

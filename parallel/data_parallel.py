@@ -15,7 +15,7 @@ every bucket (parallel/grad_buckets.py). Its optimizer holds `nn.Parameter` view
 exist only for them. We write this ourselves because torch's ZeroRedundancyOptimizer assigns
 whole parameters to ranks (uneven shares, far from 1/N on small models) and has no gradient
 sharding, and FSDP2 always shards parameters too. Stage 3 is FSDP2, applied to the model by
-`parallelize` (parallel/parallelize.py), with `FSDPAdamW`: the optimizers here only optimize.
+`parallelize` (parallel/parallelize.py), with `FSDPAdamW` (parallel/fsdp_adamw.py): the optimizers only optimize.
 
 Gradient accumulation: stages 0 and 1 accumulate whole local gradients and reduce once per
 step (all-reduce). Stage 2 reduce-scatters every micro-batch's gradients into its 1/N gradient
@@ -28,22 +28,20 @@ shards are additionally all-reduced across the dp_replicate replicas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.optim import AdamW
 
+from parallel.adamw import STATE_KEYS, adamw, decays, load_local
 from parallel.comms import watch
 from parallel.config import TrainConfig
 from parallel.flat_layout import FlatLayout, _local
+from parallel.fsdp_adamw import FSDPAdamW
 from parallel.grad_buckets import DEFAULT_CAP_BYTES, GradBuckets
 from parallel.tensor_parallel import is_tp_sharded
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element states
 
 
 def _like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -51,16 +49,6 @@ def _like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
         return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False)
     return t
-
-
-def _decays(param: nn.Parameter) -> bool:
-    return param.ndim >= 2  # norms (1-D) get no weight decay
-
-
-def _adamw(decay: list[nn.Parameter], no_decay: list[nn.Parameter], t: TrainConfig) -> AdamW:
-    """torch's AdamW with the run's hyper-parameters, weight decay on `decay` only."""
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 @dataclass
@@ -114,9 +102,9 @@ class ShardedAdamW:
                   1.0 if is_tp_sharded(params[i]) else 1.0 / tp)
             for i, in_param, in_shard in self.flat.owned()
         ]  # fmt: skip
-        decay, no_decay = [s for s in slots if _decays(s.param)], [s for s in slots if not _decays(s.param)]
+        decay, no_decay = [s for s in slots if decays(s.param)], [s for s in slots if not decays(s.param)]
         self.slots = decay + no_decay
-        self.opt = _adamw([s.view for s in decay], [s.view for s in no_decay], train)
+        self.opt = adamw([s.view for s in decay], [s.view for s in no_decay], train)
         self.grad_shard = torch.zeros(self.flat.shard_size, device=self.device) if two else None
         self._reduce = self._reduce_scatter if two else self._all_reduce
         self._owned_grads = self._shard_grads if two else self._param_grads
@@ -315,7 +303,7 @@ class ShardedAdamW:
 
     def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
         """Inverse of local_tensors (copied in; states only when there are any)."""
-        _load_local(self.opt, self.params, [s.view for s in self.slots], params, states, step, lambda _, t: t.clone())
+        load_local(self.opt, self.params, [s.view for s in self.slots], params, states, step, lambda _, t: t.clone())
 
     def close(self) -> None:
         """Take the gradient hooks off the parameters (GradBuckets holds the process group)."""
@@ -339,132 +327,6 @@ class ShardedAdamW:
         if self.buckets is not None:  # whole gradients copied into bucket buffers, until their reduction ends
             grads += [b.buf for b in self.buckets.buckets if b.buf is not None]
         return grads + ([self.grad_shard] if self.grad_shard is not None else [])
-
-
-class FSDPAdamW:
-    """ZeRO-3: torch AdamW on the shards of a model `apply_fsdp` has sharded."""
-
-    def __init__(
-        self,
-        params: list[nn.Parameter],
-        cp_group: dist.ProcessGroup | None,
-        norm_groups: list[dist.ProcessGroup],
-        train: TrainConfig,
-    ) -> None:
-        self.params, self.cp_group, self.norm_groups = params, cp_group, norm_groups
-        decay, no_decay = [p for p in params if _decays(p)], [p for p in params if not _decays(p)]
-        self.opt = _adamw(decay, no_decay, train)
-        self.mutating = False
-
-    def before_backward(self, last_microbatch: bool) -> None:
-        """FSDP2 reduces in its own backward hooks."""
-
-    def after_backward(self, last_microbatch: bool) -> None:
-        """FSDP2 has already reduce-scattered each micro-batch's gradients over dp in its
-        backward hooks; context-parallel ranks saw different tokens, so average over cp."""
-        if self.cp_group is None or not last_microbatch:
-            return
-        n = dist.get_world_size(self.cp_group)
-        with watch("cp", "all-reduce of gradient shards"):
-            for p in self.params:
-                if p.grad is not None:
-                    local = _local(p.grad)
-                    dist.all_reduce(local, group=self.cp_group)
-                    local /= n
-
-    def grad_sq(self) -> torch.Tensor:
-        """The squared L2 norm of the gradient of this optimizer's tensors (float64)."""
-        sq = torch.zeros((), dtype=torch.float64, device=_local(self.params[0]).device)
-        for grads in _by_mesh([p.grad for p in self.params if p.grad is not None]):
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()  # sums the squares over the dp and tp (and ep) shards
-            sq += norm.double() ** 2
-        with watch("pp", "all-reduce of the gradient norm"):
-            for group in self.norm_groups:  # axes FSDP does not know about (pipeline stages)
-                dist.all_reduce(sq, group=group)
-        return sq
-
-    def step(self, lr: float, max_norm: float) -> torch.Tensor:
-        norm = self.grad_sq().sqrt().float()
-        self.update(lr, max_norm, norm)
-        return norm
-
-    def take_grads(self) -> None:
-        """FSDP2's gradients are already this rank's shards."""
-
-    def update(self, lr: float, max_norm: float, norm: torch.Tensor) -> None:
-        if max_norm > 0:
-            for params in _by_mesh(self.params):
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.mutating = True
-        self.opt.step()
-        self.mutating = False
-
-    def export_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        return {id(p): {k: self.opt.state[p][k] for k in STATE_KEYS} for p in self.params if p in self.opt.state}
-
-    def import_states(self, states: dict[int, dict[str, torch.Tensor]], step: int) -> None:
-        for p in self.params:
-            self.opt.state[p] = {"step": torch.tensor(float(step))} | {k: states[id(p)][k] for k in STATE_KEYS}
-
-    @property
-    def n_owners(self) -> int:
-        return len(self.params)
-
-    def local_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(the local shards of the parameters, of their AdamW states), as ShardedAdamW's."""
-        states = [_local(self.opt.state[p][k]) for p in self.params if p in self.opt.state for k in STATE_KEYS]
-        return [_local(p) for p in self.params], states
-
-    def load_local(self, params: list[torch.Tensor], states: list[torch.Tensor], step: int) -> None:
-        _load_local(self.opt, self.params, self.params, params, states, step, _state_like)
-
-    def close(self) -> None:
-        """Nothing to release: FSDP2's hooks stay with the model."""
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        states = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
-        return [_local(t) for t in states]
-
-    def grad_tensors(self) -> list[torch.Tensor]:
-        return [_local(p.grad) for p in self.params if p.grad is not None]
-
-
-def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The tensors grouped by the mesh they are sharded over (plain tensors together): torch's foreach
-    norm and clipping take DTensors of one mesh at a time. Under TP the MoE blocks' routers and shared
-    experts are sharded over dp only, the rest over (dp, tp), the experts over (edp, ep)."""
-    groups: dict[object, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
-    return list(groups.values())
-
-
-def _state_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """An AdamW state laid out like `param` (a DTensor shard under FSDP2) holding `local`."""
-    state = torch.zeros_like(param)
-    _local(state).copy_(local)
-    return state
-
-
-@torch.no_grad()
-def _load_local(
-    opt: AdamW, params: list[nn.Parameter], owners: list[torch.Tensor], values: list[torch.Tensor],
-    states: list[torch.Tensor], step: int, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> None:  # fmt: skip
-    """Copy `values` into the parameters' local tensors and give each optimizer-owned tensor (in
-    `owners`' order) its AdamW states from `states` (exp_avg, exp_avg_sq each), made by `make`."""
-    for p, t in zip(params, values, strict=True):
-        _local(p).copy_(t)
-    pairs = iter(states)
-    for owner in owners if states else []:
-        opt.state[owner] = {"step": torch.tensor(float(step))} | {k: make(owner, next(pairs)) for k in STATE_KEYS}
 
 
 DataParallelOptimizer = ShardedAdamW | FSDPAdamW

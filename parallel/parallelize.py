@@ -37,8 +37,9 @@ from torch.distributed.fsdp import fully_shard
 from parallel.activation_checkpointing import apply_ac
 from parallel.config import Config
 from parallel.context_parallel import apply_cp
-from parallel.data_parallel import DataParallelOptimizer, FSDPAdamW, ShardedAdamW
+from parallel.data_parallel import DataParallelOptimizer, ShardedAdamW
 from parallel.expert_parallel import ExpertSplitOptimizer, apply_ep, is_expert_param
+from parallel.fsdp_adamw import FSDPAdamW
 from parallel.hf import load_hf
 from parallel.mesh import Layout
 from parallel.model import Transformer

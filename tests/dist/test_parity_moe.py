@@ -39,6 +39,20 @@ LAYOUTS = {
     "ep4-zero3": (4, [*MOE, "parallel.dp=4", "parallel.ep=4", "parallel.zero=3"], "one"),
     "ep4-zero1": (4, [*MOE, "parallel.dp=4", "parallel.ep=4", "parallel.zero=1"], "one"),
     "ep2-pp2": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.pp=2"], "one"),
+    "ep2-ac-full": (2, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.activation_checkpointing=full"], "one"),
+    "ep2-pp2-zbv": (
+        4,
+        [
+            *MOE,
+            "parallel.dp=2",
+            "parallel.ep=2",
+            "parallel.pp=2",
+            "parallel.pp_schedule=zbv",
+            "train.micro_batch=1",
+            "parallel.zero=1",
+        ],
+        "one",
+    ),  # fmt: skip
     "ep2-hsdp": (4, [*MOE, "parallel.dp=4", "parallel.dp_replicate=2", "parallel.ep=2", "parallel.zero=3"], "one"),
     "tp2": (2, [*MOE, "parallel.tp=2"], "one"),
     "ep2-tp2-zero1": (4, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.zero=1"], "one"),
