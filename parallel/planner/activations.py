@@ -219,7 +219,7 @@ def moe_block(m: ModelConfig, seq_len: int, micro_batch: int, cp: int = 1, cp_mo
     scores (3E, fp32), the tokens copied in expert order (k C), each routed expert's w1 and w3 outputs,
     SiLU output and product (4 k Fe), the experts' outputs and their weighted copies (2 k C), and the
     shared experts' four (4 n_shared Fe): within 1% of what saved_tensors_hooks sees in one process
-    (tiny-moe), within 10% per rank at ep=2 and ep=4 (tests/dist/test_planner_measured.py). A rank under
+    (tiny-moe), the ranks' mean within 10% at ep=2 and ep=4 (tests/dist/test_planner_measured.py). A rank under
     expert parallelism keeps its experts' share of the ep group's tokens: k per token when the router
     balances them, more on the rank of a busier expert. Selective keeps the matmul outputs of those
     (router E, 2 k Fe, k C, 2 n_shared Fe); full the block input."""

@@ -104,6 +104,27 @@ def _ranks(name: str, measured: dict[str, list[dict[str, Any]]]) -> list[tuple[i
     return [(rank, m, predicted(cfg, m["pp_rank"])) for rank, m in enumerate(measured[name])]
 
 
+# Under expert parallelism a rank keeps the activations of the tokens its experts received: the planner
+# counts the share a balanced router gives (top_k per token); the rank of a busier expert keeps more and
+# the others less, by as much as the routing of the step happens to be uneven (seen: up to +10% on one
+# rank at tiny-moe's initial routing, in one run of several). The ranks' mean, which the routing cannot
+# move (every token sent is received once), is held to the usual 10%; each rank to 25%.
+ROUTED = {"moe_dp4_ep2_zero1", "moe_dp4_ep4_zero3"}
+
+
+def _activation_ranks(name: str, measured: dict[str, list[dict[str, Any]]]) -> list[tuple[int, dict, dict]]:
+    ranks = _ranks(name, measured)
+    if name not in ROUTED:
+        return ranks
+    want = ranks[0][2]  # one pipeline rank in these layouts: every rank has the same prediction
+    for rank, got, _ in ranks:
+        assert within(got["peak"], want["peak"], 0.25), f"{name} rank {rank}: peak {got['peak']} vs {want['peak']}"
+    n = len(ranks)
+    per_mb = {key: sum(m["per_mb"][key] for _, m, _ in ranks) / n for key in ranks[0][1]["per_mb"]}
+    mean = {"peak": sum(m["peak"] for _, m, _ in ranks) / n, "per_mb": per_mb, "pp_rank": 0}
+    return [(-1, mean, want)]  # rank -1: the mean over the ranks
+
+
 @pytest.mark.parametrize("name", list(ALL))
 def test_state_bytes_match_the_sharded_tensors(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
     for rank, got, want in _ranks(name, measured):
@@ -116,7 +137,7 @@ def test_state_bytes_match_the_sharded_tensors(name: str, measured: dict[str, li
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_activation_bytes_per_micro_batch(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
-    for rank, got, want in _ranks(name, measured):
+    for rank, got, want in _activation_ranks(name, measured):
         stages = {stage for stage, _ in got["per_mb"]}
         assert stages == set(want["per_mb"]), f"{name} rank {rank}: forwards of stages {stages}"
         for (stage, mb), n in sorted(got["per_mb"].items()):
@@ -135,7 +156,7 @@ UNDER_PREDICTED = {"pp2_dp2_zbv_zero3": 0.5}
 
 @pytest.mark.parametrize("name", list(ALL))
 def test_activation_bytes_at_the_peak(name: str, measured: dict[str, list[dict[str, Any]]]) -> None:
-    for rank, got, want in _ranks(name, measured):
+    for rank, got, want in _activation_ranks(name, measured):
         if name in UNDER_PREDICTED:
             low, high = want["peak"] * (1 - TOL["activations"]), want["peak"] * (1 + UNDER_PREDICTED[name])
             assert low <= got["peak"] <= high, f"{name} rank {rank}: peak {got['peak']}, predicted {want['peak']}"
