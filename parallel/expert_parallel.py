@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from parallel.comms import watch
 from parallel.data_parallel import DataParallelOptimizer
+from parallel.flat_layout import _local
 from parallel.moe import Experts, expert_mlps, moe_layers
 
 WEIGHTS = ("w1", "w3", "w2")
@@ -65,10 +66,6 @@ def _dispatcher(experts: Experts, group: dist.ProcessGroup):  # noqa: ANN202
     return forward
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _dispatch_forward(
     experts: Experts, group: dist.ProcessGroup, x: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
@@ -79,16 +76,17 @@ def _dispatch_forward(
     with watch("ep", "all-to-all of expert token counts"):
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=group)  # [src][local expert], n_local per source
-    received = received.view(ep, n_local)
-    send = counts.view(ep, n_local).sum(1).tolist()  # tokens to each rank of the group
-    recv = received.sum(1).tolist()
-    sizes = received.tolist()
+    # One wait for the device each way: the sizes as Python lists, their sums taken here.
+    sizes = received.view(ep, n_local).tolist()  # [source][local expert]
+    mine = counts.view(ep, n_local).tolist()  # [destination][its expert]
+    send = [sum(row) for row in mine]  # tokens to each rank of the group
+    recv = [sum(row) for row in sizes]
     with watch("ep", "all-to-all of tokens to their experts"):
         got = all_to_all_single_autograd(x.contiguous(), recv, send, group)
     # Received in (source, expert) order; the experts want (expert, source).
     pieces = torch.split(got, [n for row in sizes for n in row])
     by_expert = torch.cat([pieces[s * n_local + e] for e in range(n_local) for s in range(ep)])
-    per_expert = received.sum(0).tolist()
+    per_expert = [sum(sizes[s][e] for s in range(ep)) for e in range(n_local)]
     w1, w3, w2 = (_local(getattr(experts, name)) for name in WEIGHTS)
     y = expert_mlps(by_expert, per_expert, w1, w3, w2)
     outs = torch.split(y, [sizes[s][e] for e in range(n_local) for s in range(ep)])
